@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Build and cache the test guests: Debian cloud kernel, debug vmlinux, System.map,
+config, busybox initramfs base, and our test modules, per architecture.
+
+    python images/build.py [--arch x86_64|arm64|all] [--force]
+
+The kernel ABI is resolved from the linux-image-cloud-<arch> metapackage (it changes
+with every security update). Everything comes from Debian's archive through apt;
+headers are unpacked into the cache (not installed), so the arm64 ones can be used
+with the cross compiler without pulling arm64 gcc into the host. Each step is
+skipped when its output is already there: a second run takes seconds.
+"""
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from qemuleak.arch import Arch, all_arches, get_arch  # noqa: E402
+from qemuleak.images import GuestImage, arch_dir, cache_root, write_manifest  # noqa: E402
+from qemuleak.initramfs import build_base  # noqa: E402
+
+MODULES = ("leaky", "allocstorm")
+
+
+class BuildError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[images] {msg}", flush=True)
+
+
+def run(cmd: list[str], **kw) -> str:
+    try:
+        res = subprocess.run(cmd, check=True, text=True, capture_output=True, **kw)
+    except FileNotFoundError:
+        raise BuildError(f"{cmd[0]} not found; run `make setup`") from None
+    except subprocess.CalledProcessError as e:
+        tail = "\n".join((e.stdout + e.stderr).splitlines()[-25:])
+        raise BuildError(f"{' '.join(cmd)} failed:\n{tail}") from None
+    return res.stdout
+
+
+def pkg(name: str, arch: Arch) -> str:
+    return f"{name}:{arch.debian_arch}"
+
+
+def resolve_kernel(arch: Arch) -> tuple[str, str]:
+    """(release, version) of the kernel that linux-image-cloud-<arch> depends on."""
+    meta = pkg(f"linux-image-cloud-{arch.debian_arch}", arch)
+    out = run(["apt-cache", "depends", meta])
+    m = re.search(r"Depends: (linux-image-(\S+?-cloud-\S+?))(:\S+)?\n", out)
+    if not m:
+        raise BuildError(f"apt does not know {meta}: run `make setup` "
+                         f"(it enables the {arch.debian_arch} architecture and runs apt-get update)")
+    image_pkg, release = m.group(1), m.group(2)
+    show = run(["apt-cache", "show", pkg(image_pkg, arch)])
+    version = re.search(r"^Version: (\S+)", show, re.M).group(1)
+    return release, version
+
+
+def download(names: list[str]) -> dict[str, Path]:
+    """apt-get download each package spec (name[:arch][=version]); name -> .deb path."""
+    debs = cache_root() / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    found: dict[str, Path] = {}
+    missing = []
+    for spec in names:
+        name, _, version = spec.partition("=")
+        base, _, darch = name.partition(":")
+        pattern = f"{base}_{version.replace(':', '%3a') or '*'}_{darch or '*'}.deb"
+        hits = sorted(debs.glob(pattern)) if version else []
+        if hits:
+            found[spec] = hits[-1]
+        else:
+            missing.append(spec)
+    if missing:
+        log("downloading " + " ".join(missing))
+        run(["apt-get", "download", "-q", *missing], cwd=debs)
+        for spec in missing:
+            name, _, version = spec.partition("=")
+            base, _, darch = name.partition(":")
+            hits = sorted(debs.glob(f"{base}_{version.replace(':', '%3a') or '*'}_{darch or '*'}.deb"),
+                          key=lambda p: p.stat().st_mtime)
+            if not hits:
+                raise BuildError(f"apt-get download {spec} gave no .deb")
+            found[spec] = hits[-1]
+    return found
+
+
+def extract(deb: Path, dest: Path, members: list[str] | None = None) -> None:
+    """Unpack `deb` (all of it, or the wildcard `members`) under `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tar = ["tar", "-x", "-C", str(dest)]
+    if members:
+        tar += ["--wildcards", *members]
+    p1 = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    p2 = subprocess.run(tar, stdin=p1.stdout, capture_output=True, text=True)
+    p1.stdout.close()
+    if p1.wait() != 0 or p2.returncode != 0:
+        raise BuildError(f"could not unpack {deb.name}: {p2.stderr.strip()}")
+
+
+def source_hash(*dirs: Path) -> str:
+    h = hashlib.sha256()
+    for d in dirs:
+        for f in sorted(d.rglob("*")):
+            if f.is_file() and (f.suffix in (".c", ".h") or f.name in ("Kbuild", "Makefile")):
+                h.update(f.relative_to(d.parent).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_kernel(arch: Arch, out: Path, release: str, version: str) -> None:
+    want = [out / n for n in ("kernel", "vmlinux", "System.map", "config")]
+    if all(p.is_file() for p in want):
+        return
+    debs = download([f"{pkg('linux-image-' + release, arch)}={version}",
+                     f"{pkg('linux-image-' + release + '-dbg', arch)}={version}"])
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        t = Path(tmp)
+        image_deb, dbg_deb = debs.values()
+        log(f"{arch.name}: unpacking kernel {release}")
+        extract(image_deb, t, ["./boot/vmlinuz-*", "./boot/config-*"])
+        log(f"{arch.name}: unpacking vmlinux and System.map (~10 s)")
+        extract(dbg_deb, t, ["./usr/lib/debug/boot/*"])
+        os.replace(t / "usr/lib/debug/boot" / f"vmlinux-{release}", out / "vmlinux")
+        os.replace(t / "usr/lib/debug/boot" / f"System.map-{release}", out / "System.map")
+        os.replace(t / "boot" / f"config-{release}", out / "config")
+        os.replace(t / "boot" / f"vmlinuz-{release}", out / "kernel")
+    dbg_deb.unlink()   # ~280 MB that is never needed again
+
+
+def build_headers(arch: Arch, out: Path, release: str, version: str) -> Path:
+    """Unpack the kernel headers, the common headers and the host's kbuild tools."""
+    root = out / "headers"
+    tree = root / "usr/src" / f"linux-headers-{release}"
+    if (tree / "Makefile").is_file() and (tree / "scripts/basic/fixdep").exists():
+        return tree
+    common = re.sub(r"-cloud-.*$", "-common", release)
+    kbuild = "linux-kbuild-" + ".".join(release.split(".")[:2])
+    debs = download([f"{pkg('linux-headers-' + release, arch)}={version}",
+                     f"linux-headers-{common}={version}",
+                     f"{kbuild}={version}"])   # host arch: its tools run here
+    log(f"{arch.name}: unpacking headers {release}")
+    shutil.rmtree(root, ignore_errors=True)
+    for deb in debs.values():
+        extract(deb, root)
+    # The arch tree's Makefile includes the common one by absolute path: point it here.
+    makefile = tree / "Makefile"
+    makefile.write_text(makefile.read_text().replace("/usr/src/", f"{root}/usr/src/"))
+    if not (tree / "scripts/basic/fixdep").exists():
+        raise BuildError(f"headers for {release} unpacked but {tree}/scripts is not usable")
+    return tree
+
+
+def build_busybox(arch: Arch, out: Path) -> Path:
+    busybox = out / "busybox"
+    if not busybox.is_file():
+        deb = download([pkg("busybox-static", arch)])[pkg("busybox-static", arch)]
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            extract(deb, Path(tmp), ["./bin/busybox"])
+            os.replace(Path(tmp) / "bin/busybox", busybox)
+    base = out / "initramfs-base.cpio.gz"
+    if not base.is_file() or base.stat().st_mtime < busybox.stat().st_mtime:
+        log(f"{arch.name}: base initramfs")
+        build_base(busybox, base)
+    return base
+
+
+def build_modules(arch: Arch, out: Path, tree: Path, force: bool) -> dict[str, Path]:
+    built = {}
+    for name in MODULES:
+        src = HERE / "modules" / name
+        stamp = out / "modules" / f"{name}.src"
+        ko = out / "modules" / f"{name}.ko"
+        digest = source_hash(src)
+        if not force and ko.is_file() and stamp.is_file() and stamp.read_text() == digest:
+            built[name] = ko
+            continue
+        log(f"{arch.name}: building module {name}")
+        work = out / "build" / name
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(src, work)
+        run(["make", "-C", str(tree), f"M={work}", *arch.kbuild_args, "modules"])
+        ko.parent.mkdir(exist_ok=True)
+        shutil.copy2(work / f"{name}.ko", ko)
+        stamp.write_text(digest)
+        built[name] = ko
+    return built
+
+
+def build(arch: Arch, force: bool) -> GuestImage:
+    release, version = resolve_kernel(arch)
+    out = arch_dir(arch.name) / release
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"{arch.name}: kernel {release} ({version}) in {out}")
+    build_kernel(arch, out, release, version)
+    base = build_busybox(arch, out)
+    tree = build_headers(arch, out, release, version)
+    modules = build_modules(arch, out, tree, force)
+    image = GuestImage(arch=arch.name, release=release, version=version,
+                       kernel=out / "kernel", vmlinux=out / "vmlinux",
+                       system_map=out / "System.map", config=out / "config",
+                       busybox=out / "busybox", base_initramfs=base, modules=modules)
+    write_manifest(out, image)
+    (arch_dir(arch.name) / "current").write_text(release + "\n")
+    return image
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="all", help="x86_64, arm64 or all (default)")
+    ap.add_argument("--force", action="store_true", help="rebuild the modules")
+    args = ap.parse_args()
+    arches = all_arches() if args.arch == "all" else [get_arch(args.arch)]
+    try:
+        for arch in arches:
+            image = build(arch, args.force)
+            log(f"{arch.name}: ready: {image.release}, modules {', '.join(image.modules)}")
+    except BuildError as e:
+        print(f"images: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
