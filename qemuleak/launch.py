@@ -189,6 +189,11 @@ class VM:
     def console_tail(self, lines: int = 25) -> str:
         return "\n".join(self.console_text().rstrip("\n").splitlines()[-lines:])
 
+    def panic_reason(self) -> str:
+        """', the guest kernel panicked: WHY' if the console shows a panic, else ''."""
+        found = re.findall(r"Kernel panic - not syncing: (.*)", self._console)
+        return f", the guest kernel panicked: {found[-1].strip()}" if found else ""
+
     def stderr_text(self) -> str:
         try:
             return (self.workdir / "qemu.stderr").read_text(errors="replace")
@@ -214,7 +219,8 @@ class VM:
             if self.proc.poll() is not None:
                 self._read_console()
                 raise LaunchError(f"QEMU exited (code {self.proc.returncode}) before the guest "
-                                  f"printed {rx.pattern!r}; console tail:\n{self.console_tail()}")
+                                  f"printed {rx.pattern!r}{self.panic_reason()}; "
+                                  f"console tail:\n{self.console_tail()}")
             if time.monotonic() > deadline:
                 raise LaunchError(f"guest did not print {rx.pattern!r} within {timeout:.0f} s; "
                                   f"console tail:\n{self.console_tail()}")

@@ -140,6 +140,11 @@ class _NotRSP(Exception):
     """Internal: non-RSP bytes seen while checking that the peer is a gdbstub."""
 
 
+class _Desync(ProtocolError):
+    """Framing broke down (retries exhausted, runaway packet): the stream is
+    out of sync and the connection unusable."""
+
+
 def _now() -> float:
     return time.monotonic()
 
@@ -176,8 +181,7 @@ def _decode(raw: bytes) -> bytes:
             break
         j = m.start()
         out += raw[i:j]
-        if j + 1 >= n:
-            raise ProtocolError(f"gdbstub packet ends inside an escape: {_show(raw[-40:])}")
+
         nxt = raw[j + 1]
         if raw[j] == 0x7D:  # '}'
             out.append(nxt ^ 0x20)
@@ -317,25 +321,31 @@ class RSPClient:
 
     def _handshake(self) -> None:
         """qSupported (proves it is a gdbstub), then `?` for the stop state."""
-        t = self.target
         self._strict = True
+        why = ""
         try:
-            reply = self._transact(QSUPPORTED)
+            deadline = _now() + self.timeout
+            self._send_packet(QSUPPORTED, deadline)
+            reply = self._recv_reply(deadline)
         except _NotRSP as e:
-            raise GuestConnectionError(f"{t} is not a gdbstub (it sent {_show(e.args[0], 24)})",
-                                       hint=HINT_NOT_STUB) from None
-        except GuestConnectionError as e:
-            why = (f"no answer to qSupported within {self.timeout:g}s" if "timed out" in e.message
-                   else "it closed the connection without answering qSupported")
-            raise GuestConnectionError(f"{t} is not a gdbstub ({why})", hint=HINT_NOT_STUB) from None
+            why = f"it sent {_show(e.args[0], 24)}"
+        except _Timeout:
+            why = f"no answer to qSupported within {self.timeout:g}s"
+        except _Closed:
+            why = "it closed the connection without answering qSupported"
         except ProtocolError as e:
-            raise GuestConnectionError(f"{t} is not a gdbstub ({e.message})", hint=HINT_NOT_STUB) from None
+            why = e.message
         finally:
             self._strict = False
+        if why:
+            self._dead = "not connected"
+            raise GuestConnectionError(f"{self.target} is not a gdbstub ({why})", hint=HINT_NOT_STUB)
         if not _error_code(reply):
             self._parse_features(reply)
         stop = StopReply.parse(self._transact(b"?", expect_stop=True))
         self._note_stop(stop)
+        if stop.exited:
+            self._raise_dead()
 
     def _parse_features(self, reply: bytes) -> None:
         for item in reply.decode("ascii", "replace").split(";"):
@@ -439,8 +449,8 @@ class RSPClient:
 
     def _stray(self, data: bytes | bytearray) -> None:
         """Bytes outside packets: ignored, except during the handshake."""
-        if self._strict and data.strip(b"+-"):
-            raise _NotRSP(bytes(data))
+        if self._strict and data:
+            raise _NotRSP(bytes(self._buf))  # data starts it; show all we have
 
     def _next_event(self, deadline: float | None) -> int | bytes:
         """Next ack (`_ACK`/`_NAK`) or good packet (decoded payload, ack owed)."""
@@ -469,7 +479,7 @@ class RSPClient:
                 continue
             if end < 0 or len(buf) < end + 3:
                 if len(buf) > self._max_frame:
-                    raise ProtocolError(f"gdbstub sent a packet longer than {self._max_frame} bytes")
+                    raise _Desync(f"gdbstub sent a packet longer than {self._max_frame} bytes")
                 self._fill(deadline)
                 continue
             raw = bytes(buf[1:end])
@@ -481,7 +491,7 @@ class RSPClient:
                 return _decode(raw)
             self._bad += 1
             if self._bad > self.max_retries:
-                raise ProtocolError(f"gdbstub sent {self._bad} packets with bad checksums in a row")
+                raise _Desync(f"gdbstub sent {self._bad} packets with bad checksums in a row")
             self._sendall(b"-")
 
     def _next_packet(self, deadline: float | None) -> bytes:
@@ -506,7 +516,7 @@ class RSPClient:
             if ev == _NAK:
                 naks += 1
                 if naks > self.max_retries:
-                    raise ProtocolError(f"gdbstub rejected {_show(payload)} {naks} times (bad checksum?)")
+                    raise _Desync(f"gdbstub rejected {_show(payload)} {naks} times (bad checksum?)")
                 self._sendall(packet)
             else:  # a packet before the ack: keep it for the reader
                 assert isinstance(ev, bytes)
@@ -524,7 +534,10 @@ class RSPClient:
                         self._console(pkt)
                         continue
                 elif not expect_stop and _STOP.fullmatch(pkt):
-                    self._note_stop(StopReply.parse(pkt))
+                    stop = StopReply.parse(pkt)
+                    self._note_stop(stop)
+                    if stop.exited:
+                        self._raise_dead()
                     continue
             return pkt
 
@@ -536,7 +549,7 @@ class RSPClient:
         try:
             self._send_packet(payload, deadline)
             return self._recv_reply(deadline, expect_stop, keep_output)
-        except (_Timeout, _Closed, ProtocolError) as e:
+        except (_Timeout, _Closed, _Desync) as e:
             self._fail(e, f"the answer to {_show(payload)}")
 
     def _fail(self, exc: Exception, what: str) -> NoReturn:
@@ -549,10 +562,8 @@ class RSPClient:
             self._dead = f"{exc.args[0]} (guest is gone?)"
             raise GuestConnectionError(f"{exc.args[0]} while waiting for {what} (guest is gone?)",
                                        hint=HINT_GONE) from None
-        if isinstance(exc, ProtocolError) and self._dead is None and not exc.message.startswith("expected"):
-            # framing-level trouble (retries exhausted, runaway packet): stream is out of sync
-            if "checksum" in exc.message or "longer than" in exc.message or "rejected" in exc.message:
-                self._dead = f"the connection to {self.target} is unusable after a protocol error"
+        if isinstance(exc, _Desync):
+            self._dead = f"the connection to {self.target} is unusable after a protocol error"
         raise exc
 
     def _raise_dead(self) -> NoReturn:
@@ -584,12 +595,6 @@ class RSPClient:
         if stop.exited:
             how = f"exited with status {stop.signal}" if stop.kind == "W" else f"killed by signal {stop.signal}"
             self._dead = f"guest is gone ({how})"
-            if self._pending or self._buf:
-                self._pending.clear()
-
-    def _gone_check(self, stop: StopReply) -> None:
-        if stop.exited:
-            raise GuestConnectionError(self._dead or "guest is gone", hint=HINT_GONE)
 
     # -- commands ------------------------------------------------------------
 
@@ -606,8 +611,6 @@ class RSPClient:
         return reply
 
     def _check_reply(self, payload: bytes, reply: bytes, required: bool = True) -> None:
-        if self.last_stop is not None and self.last_stop.exited:
-            self._gone_check(self.last_stop)
         if _error_code(reply):
             raise ProtocolError(f"gdbstub answered {_show(reply)} to {_show(payload)}",
                                 hint="the command failed in the guest or is not allowed now")
@@ -637,7 +640,7 @@ class RSPClient:
         self._check_stopped()
         try:
             self._send_packet(payload, _now() + self.timeout)
-        except (_Timeout, _Closed, ProtocolError) as e:
+        except (_Timeout, _Closed, _Desync) as e:
             self._fail(e, f"the ack of {_show(payload)}")
         self._running = True
         self._thread = None
@@ -646,12 +649,13 @@ class RSPClient:
         """Stop a running guest (sends 0x03); a no-op if it is stopped."""
         if self._dead is not None:
             self._raise_dead()
-        if not self._running:
+        if not self._running or self._sock is None:
             return
-        try:
-            self._sendall(b"\x03")
-        except (_Timeout, _Closed) as e:
-            self._fail(e, "sending the interrupt")
+        data, self._owed = b"+" * self._owed + b"\x03", 0
+        try:  # no settimeout(): wait_stop() may be blocked in recv() in another thread
+            self._sock.send(data)
+        except OSError as e:
+            self._fail(_Closed(f"lost the connection to {self.target}: {e.strerror or e}"), "sending the interrupt")
 
     def wait_stop(self, timeout: float | None = None) -> StopReply:
         """Wait (at most `timeout` s, None = forever) for the guest to stop.
@@ -685,7 +689,7 @@ class RSPClient:
                 stop = StopReply.parse(pkt)
                 self._note_stop(stop)
                 return stop
-        except (_Closed, ProtocolError) as e:
+        except (_Closed, _Desync) as e:
             self._fail(e, "the guest to stop")
 
     def resume_and_wait(self, timeout: float | None = None) -> StopReply:
@@ -836,7 +840,6 @@ class RSPClient:
                 data = binascii.unhexlify(reply)
             except (binascii.Error, ValueError):
                 if _error_code(reply):
-                    self._check_reply(b"", b"OK", False)
                     raise ProtocolError(
                         f"cannot read guest memory at {addr:#x} ({n} bytes): gdbstub answered {_show(reply)}",
                         hint="the address is not mapped in the guest") from None
@@ -950,7 +953,7 @@ class RSPClient:
                     out += binascii.unhexlify(reply)
                     break
                 raise ProtocolError(f"gdbstub answered {_show(reply)} to monitor command {cmd!r}")
-        except (_Timeout, _Closed) as e:
+        except (_Timeout, _Closed, _Desync) as e:
             self._fail(e, f"the output of monitor command {cmd!r}")
         return out.decode("utf-8", "replace")
 

@@ -1,0 +1,95 @@
+"""Shared fixtures. Guest tests boot real QEMU guests built by `make images`.
+
+With QEMULEAK_REQUIRE_GUEST=1 (set by .ci/run) a missing QEMU or image fails the
+test instead of skipping it.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qemuleak import initramfs
+from qemuleak.arch import get_arch
+from qemuleak.errors import ImageError
+from qemuleak.images import GuestImage, find_image
+from qemuleak.launch import VM, VMConfig
+
+REQUIRE_GUEST = os.environ.get("QEMULEAK_REQUIRE_GUEST") == "1"
+ARCHES = ["x86_64", "arm64"]
+
+
+def missing(reason: str):
+    if REQUIRE_GUEST:
+        pytest.fail(f"{reason} (QEMULEAK_REQUIRE_GUEST=1: run `make setup`)", pytrace=False)
+    pytest.skip(reason)
+
+
+def guest_image_for(arch: str) -> GuestImage:
+    if shutil.which(get_arch(arch).qemu_binary) is None:
+        missing(f"{get_arch(arch).qemu_binary} is not installed")
+    try:
+        return find_image(arch)
+    except ImageError as e:
+        missing(str(e))
+
+
+@pytest.fixture(params=ARCHES)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def guest_image(arch) -> GuestImage:
+    return guest_image_for(arch)
+
+
+def process_gone(pid: int, workdir: Path | None) -> bool:
+    """True when QEMU `pid` has exited and no process mentions its work directory."""
+    if Path(f"/proc/{pid}").exists():
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            state = "X"
+        if state not in ("Z", "X"):
+            return False
+    if workdir is None:
+        return True
+    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(workdir).encode() in cmd.read_bytes():
+                return False
+        except OSError:
+            continue
+    return True
+
+
+@pytest.fixture
+def boot(guest_image, tmp_path):
+    """Boot the test guest with extra initramfs files; wait for the ready marker.
+
+    Every VM started is shut down after the test, and the test fails if any QEMU
+    process is left behind.
+    """
+    vms: list[VM] = []
+
+    def _boot(files: dict | None = None, modules=("leaky",), **config) -> VM:
+        extra = initramfs.module_files([guest_image.module(m) for m in modules])
+        extra.update(files or {})
+        initrd = initramfs.compose(guest_image.base_initramfs,
+                                   tmp_path / f"initrd{len(vms)}.gz", extra)
+        config.setdefault("smp", 2)
+        vm = VM(VMConfig(kernel=guest_image.kernel, arch=guest_image.arch,
+                         initrd=initrd, **config))
+        vms.append(vm)
+        vm.start()
+        vm.wait_for_line(initramfs.READY_MARKER, timeout=90)
+        return vm
+
+    yield _boot
+    for vm in vms:
+        workdir = vm.workdir
+        vm.shutdown()
+        assert vm.proc is None or process_gone(vm.pid, workdir), \
+            f"QEMU pid {vm.pid} still running after shutdown"
