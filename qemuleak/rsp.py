@@ -181,7 +181,8 @@ def _decode(raw: bytes) -> bytes:
             break
         j = m.start()
         out += raw[i:j]
-
+        if j + 1 >= n:
+            raise ProtocolError(f"gdbstub packet ends inside an escape: {_show(raw[-40:])}")
         nxt = raw[j + 1]
         if raw[j] == 0x7D:  # '}'
             out.append(nxt ^ 0x20)
