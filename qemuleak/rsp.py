@@ -151,8 +151,7 @@ def _now() -> float:
 
 def _show(data: bytes | bytearray, limit: int = 40) -> str:
     """Short printable rendering of a packet for error messages."""
-    text = bytes(data[:limit]).decode("ascii", "backslashreplace")
-    text = text.encode("unicode_escape").decode("ascii")
+    text = bytes(data[:limit]).decode("latin-1").encode("unicode_escape").decode("ascii")
     return f"'{text}...'" if len(data) > limit else f"'{text}'"
 
 

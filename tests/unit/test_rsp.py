@@ -478,9 +478,19 @@ def test_unsolicited_stop_on_connect_is_drained(make_stub, connect):
 
 def test_stale_stop_between_ack_and_reply_is_skipped(stub, connect):
     c = connect(stub)
+    c.select_thread("p01.03")
     stub.overrides[b"qC"] = frame("T02thread:p01.02;") + frame("QCp01.02")
     assert c.command("qC") == b"QCp01.02"
     assert c.last_stop == StopReply("T", 2, "p01.02", {"thread": "p01.02"})
+    c.select_thread("p01.03")  # QEMU switched to the stopping CPU: select again
+    assert stub.packets(b"Hg") == [b"Hgp01.03", b"Hgp01.03"]
+
+
+def test_console_output_during_command_is_collected(stub, connect):
+    c = connect(stub)
+    stub.overrides[b"qC"] = frame(b"O" + b"log line\n".hex().encode()) + frame("QCp01.01")
+    assert c.command("qC") == b"QCp01.01"
+    assert c.take_output() == b"log line\n"
 
 
 def test_qsupported_without_packetsize_keeps_defaults(stub, connect):
@@ -553,6 +563,16 @@ def test_stray_bytes_between_packets_are_ignored(stub, connect):
     stub.overrides[b"qC"] = b"\r\n++junk" + frame("QCp01.01") + b"\n"
     assert c.command("qC") == b"QCp01.01"
     assert c.command("qD") == b""  # the trailing newline did not confuse the next reply
+
+
+def test_runaway_packet_is_refused(stub, connect):
+    c = connect(stub, timeout=5)
+    stub.overrides[b"qC"] = b"$" + b"a" * 300000
+    t0 = time.monotonic()
+    with pytest.raises(ProtocolError) as e:
+        c.command("qC")
+    assert "longer than" in e.value.message
+    assert time.monotonic() - t0 < 2
 
 
 def test_torn_packet_is_dropped_at_next_dollar(stub, connect):
@@ -820,6 +840,13 @@ def test_read_memory_chunk_follows_packet_size(stub, connect):
     assert c.max_read == 256
     assert c.read_memory(0, 600) == bytes(stub.memory[:600])
     assert stub.packets(b"m") == [b"m0,100", b"m100,100", b"m200,58"]
+
+
+@pytest.mark.parametrize("features, max_read", [("PacketSize=2000", 2048), ("PacketSize=1000", 2048),
+                                                 ("PacketSize=100", 128), ("PacketSize=zz", 2048)])
+def test_max_read_from_packet_size(stub, connect, features, max_read):
+    stub.features = features
+    assert connect(stub).max_read == max_read
 
 
 def test_read_memory_short_answers_continue(stub, connect):
