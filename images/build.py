@@ -57,15 +57,15 @@ def pkg(name: str, arch: Arch) -> str:
 def resolve_kernel(arch: Arch) -> tuple[str, str]:
     """(release, version) of the kernel that linux-image-cloud-<arch> depends on."""
     meta = pkg(f"linux-image-cloud-{arch.debian_arch}", arch)
-    out = run(["apt-cache", "depends", meta])
-    m = re.search(r"Depends: (linux-image-(\S+?-cloud-\S+?))(:\S+)?\n", out)
+    try:
+        out = run(["apt-cache", "show", "--no-all-versions", meta])
+    except BuildError:
+        out = ""
+    m = re.search(r"^Depends: linux-image-(\S+-cloud-\S+) \(= (\S+)\)", out, re.M)
     if not m:
         raise BuildError(f"apt does not know {meta}: run `make setup` "
                          f"(it enables the {arch.debian_arch} architecture and runs apt-get update)")
-    image_pkg, release = m.group(1), m.group(2)
-    show = run(["apt-cache", "show", pkg(image_pkg, arch)])
-    version = re.search(r"^Version: (\S+)", show, re.M).group(1)
-    return release, version
+    return m.group(1), m.group(2)
 
 
 def download(names: list[str]) -> dict[str, Path]:

@@ -28,3 +28,15 @@ class GuestConnectionError(QemuleakError):
 
 class ProtocolError(QemuleakError):
     """The gdbstub answered something we cannot make sense of."""
+
+
+class GuestMemoryError(QemuleakError):
+    """Guest memory could not be read: unmapped address, no backend, short read."""
+
+
+class SymbolError(QemuleakError):
+    """No usable symbols: missing or truncated System.map, vmlinux of another kernel."""
+
+
+class KernelTypeError(QemuleakError):
+    """A kernel structure or field we need is not described by the available type info."""

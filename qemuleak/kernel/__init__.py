@@ -1,0 +1,1 @@
+"""What we know about the running kernel: symbols, KASLR, structure layouts."""
