@@ -262,6 +262,8 @@ class RSPClient:
         self.packet_size = DEFAULT_PACKET_SIZE
         self.max_read = MAX_MEMORY_CHUNK
         self.last_stop: StopReply | None = None
+        #: the guest was running and our connection stopped it
+        self.stopped_on_connect = False
         self._sock: socket.socket | None = sock
         self._buf = bytearray()
         self._rbuf = bytearray(1 << 16)
@@ -342,6 +344,9 @@ class RSPClient:
             raise GuestConnectionError(f"{self.target} is not a gdbstub ({why})", hint=HINT_NOT_STUB)
         if not _error_code(reply):
             self._parse_features(reply)
+        # QEMU stops a running guest when we connect and says so with a stop
+        # packet before anything else; a guest that was already stopped sends none.
+        self.stopped_on_connect = self.last_stop is not None
         stop = StopReply.parse(self._transact(b"?", expect_stop=True))
         self._note_stop(stop)
         if stop.exited:

@@ -1,33 +1,60 @@
 """What differs between guest architectures, behind one small interface.
 
-Each supported architecture is one `Arch` instance in its own module; code
-elsewhere asks `get_arch(name)` and uses its fields instead of testing names.
+Each architecture is one `Arch` subclass in its own module; code elsewhere asks
+`get_arch(name)` (or `arch_of_target_xml`) and calls its methods instead of testing
+names.
 """
 
-from dataclasses import dataclass, field
-
 from ..errors import QemuleakError
+from ..pagetable import PagingFormat
 
 
-@dataclass(frozen=True)
 class Arch:
     """Facts about one guest architecture."""
 
-    name: str                 # our name: "x86_64", "arm64"
-    debian_arch: str          # Debian's name, for packages: "amd64", "arm64"
-    qemu_binary: str          # "qemu-system-x86_64"
+    name: str                       # our name: "x86_64", "arm64"
+    debian_arch: str                # Debian's name, for packages: "amd64", "arm64"
+    gdb_arch: str                   # <architecture> in the gdbstub's target.xml
+    qemu_binary: str                # "qemu-system-x86_64"
     machine_args: tuple[str, ...]   # -M arguments
-    default_cpu: str          # -cpu model under TCG
-    console: str              # kernel console device: "ttyS0"
-    ram_base: int             # guest-physical address where RAM starts
-    kbuild_args: tuple[str, ...] = field(default=())  # extra make args for modules
+    default_cpu: str                # -cpu model under TCG
+    console: str                    # kernel console device: "ttyS0"
+    ram_base: int                   # guest-physical address where RAM starts
+    kbuild_args: tuple[str, ...] = ()   # extra make arguments for modules
+    pc_reg: str                     # register names in the target description
+    sp_reg: str
+    kernel_window: tuple[int, int]  # where the kernel image may be mapped (KASLR range)
+    system_regs: tuple[str, ...] = ()   # registers outside the `g` packet that we need
+
+    def kernel_root_candidates(self, regs: dict[str, int]) -> list[int]:
+        """Guest-physical addresses that may hold the kernel's top-level page table,
+        given one vCPU's registers (the fullest one wins)."""
+        raise NotImplementedError
+
+    def paging_format(self, regs: dict[str, int]) -> PagingFormat:
+        """The page-table layout this vCPU uses for the kernel half."""
+        raise NotImplementedError
+
+    def in_kernel(self, regs: dict[str, int]) -> bool:
+        """Was this vCPU running kernel code when it stopped?"""
+        raise NotImplementedError
+
+    def untag(self, address: int) -> int:
+        """A kernel pointer with any tag bits removed."""
+        return address
+
+    def __repr__(self) -> str:
+        return f"<Arch {self.name}>"
+
+
+def all_arches() -> list[Arch]:
+    from . import arm64, x86_64
+    return [x86_64.ARCH, arm64.ARCH]
 
 
 def get_arch(name: str) -> Arch:
     """The Arch called `name` (aliases: amd64, x86-64, aarch64)."""
-    from . import arm64, x86_64
-
-    known = {a.name: a for a in (x86_64.ARCH, arm64.ARCH)}
+    known = {a.name: a for a in all_arches()}
     aliases = {"amd64": "x86_64", "x86-64": "x86_64", "aarch64": "arm64"}
     arch = known.get(aliases.get(name, name))
     if arch is None:
@@ -36,6 +63,10 @@ def get_arch(name: str) -> Arch:
     return arch
 
 
-def all_arches() -> list[Arch]:
-    from . import arm64, x86_64
-    return [x86_64.ARCH, arm64.ARCH]
+def arch_of_target_xml(architecture: str) -> Arch:
+    """The Arch whose gdbstub reports `architecture` (e.g. "i386:x86-64")."""
+    for arch in all_arches():
+        if architecture == arch.gdb_arch:
+            return arch
+    raise QemuleakError(f"unsupported guest architecture {architecture!r}",
+                        "qemuleak supports x86_64 and arm64 guests")

@@ -1,14 +1,65 @@
-"""arm64 guests: QEMU's virt machine, PL011 console, RAM from 0x40000000."""
+"""arm64: QEMU's virt machine, PL011 console, 4 KiB granule, 39- to 48-bit VA."""
 
+import numpy as np
+
+from ..errors import QemuleakError
+from ..pagetable import PagingFormat
 from . import Arch
 
-ARCH = Arch(
-    name="arm64",
-    debian_arch="arm64",
-    qemu_binary="qemu-system-aarch64",
-    machine_args=("-M", "virt"),
-    default_cpu="cortex-a57",
-    console="ttyAMA0",
-    ram_base=0x40000000,
-    kbuild_args=("ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-"),
-)
+_ADDR = np.uint64(0x0000FFFFFFFFF000)
+
+
+def _decode(entries: np.ndarray, shift: int):
+    kind = entries & np.uint64(3)
+    if shift == 12:
+        leaf, table = kind == 3, np.zeros(len(entries), bool)
+    else:
+        leaf = (kind == 1) if shift in (30, 21) else np.zeros(len(entries), bool)
+        table = kind == 3
+    block = np.uint64(0x0000FFFFFFFFF000 & ~((1 << shift) - 1))
+    return table, leaf, np.where(leaf, entries & block, entries & _ADDR)
+
+
+def _format(va_bits: int) -> PagingFormat:
+    levels = (va_bits - 12 + 8) // 9                  # 39 bits: 3 levels, 48: 4
+    shifts = tuple(12 + 9 * i for i in reversed(range(levels)))
+    return PagingFormat(shifts=shifts, decode=_decode)
+
+
+class Arm64(Arch):
+    name = "arm64"
+    debian_arch = "arm64"
+    gdb_arch = "aarch64"
+    qemu_binary = "qemu-system-aarch64"
+    machine_args = ("-M", "virt")
+    default_cpu = "cortex-a57"
+    console = "ttyAMA0"
+    ram_base = 0x40000000
+    kbuild_args = ("ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-")
+    pc_reg, sp_reg = "pc", "sp"
+    kernel_window = (0xFFFF000000000000, 0xFFFFFFFFFFFFFFFF)
+    system_regs = ("TTBR1_EL1", "TCR_EL1", "VBAR_EL1", "SP_EL0", "TPIDR_EL1")
+
+    def kernel_root_candidates(self, regs: dict[str, int]) -> list[int]:
+        # ASID in bits 63:48, CnP in bit 0. A vCPU on the KPTI entry trampoline has
+        # tramp_pg_dir in TTBR1; swapper_pg_dir is two pages above it.
+        root = regs["TTBR1_EL1"] & 0x0000FFFFFFFFFFFE
+        return [root, root + 2 * 4096]
+
+    def paging_format(self, regs: dict[str, int]) -> PagingFormat:
+        tcr = regs["TCR_EL1"]
+        t1sz, tg1 = (tcr >> 16) & 0x3F, (tcr >> 30) & 3
+        if tg1 != 2:
+            raise QemuleakError("this arm64 guest uses a 16 or 64 KiB page granule",
+                                "qemuleak reads 4 KiB-granule kernels only")
+        return _format(64 - t1sz)
+
+    def in_kernel(self, regs: dict[str, int]) -> bool:
+        return (regs.get("cpsr", 0) >> 2) & 3 >= 1      # exception level EL1 or above
+
+    def untag(self, address: int) -> int:
+        # Kernel pointers may carry a tag in the top byte (TBI); the real one is 0xff.
+        return address | (0xFF << 56) if address >> 55 & 1 else address & ~(0xFF << 56)
+
+
+ARCH = Arm64()

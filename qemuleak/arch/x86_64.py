@@ -1,13 +1,51 @@
-"""x86_64 guests: QEMU's pc machine, 8250 serial console, RAM from 0."""
+"""x86_64: QEMU's pc machine, 8250 console, 4- or 5-level paging."""
 
+import numpy as np
+
+from ..pagetable import PagingFormat
 from . import Arch
 
-ARCH = Arch(
-    name="x86_64",
-    debian_arch="amd64",
-    qemu_binary="qemu-system-x86_64",
-    machine_args=("-M", "pc"),
-    default_cpu="max,la57=off",   # 4-level paging, like most machines; la57=on for 5-level
-    console="ttyS0",
-    ram_base=0,
-)
+_ADDR = np.uint64(0x000FFFFFFFFFF000)
+_PS = np.uint64(1 << 7)
+_P = np.uint64(1)
+CR4_LA57 = 1 << 12
+
+
+def _decode(entries: np.ndarray, shift: int):
+    present = (entries & _P) != 0
+    big = (entries & _PS) != 0 if shift in (30, 21) else np.zeros(len(entries), bool)
+    leaf = present & (big | (shift == 12))
+    table = present & ~leaf
+    mask = np.uint64(0x000FFFFFFFFFF000 & ~((1 << shift) - 1)) if shift > 12 else _ADDR
+    return table, leaf, np.where(leaf, entries & mask, entries & _ADDR)
+
+
+FOUR_LEVEL = PagingFormat(shifts=(39, 30, 21, 12), decode=_decode)
+FIVE_LEVEL = PagingFormat(shifts=(48, 39, 30, 21, 12), decode=_decode)
+
+
+class X86_64(Arch):
+    name = "x86_64"
+    debian_arch = "amd64"
+    gdb_arch = "i386:x86-64"
+    qemu_binary = "qemu-system-x86_64"
+    machine_args = ("-M", "pc")
+    default_cpu = "max,la57=off"   # 4-level paging, like most machines; la57=on for 5-level
+    console = "ttyS0"
+    ram_base = 0
+    pc_reg, sp_reg = "rip", "rsp"
+    kernel_window = (0xFFFFFFFF80000000, 0xFFFFFFFFC0000000)
+
+    def kernel_root_candidates(self, regs: dict[str, int]) -> list[int]:
+        # Bits 0-11 are the PCID; with page-table isolation a vCPU stopped in user
+        # mode runs on the user half of an 8 KiB PGD pair, the kernel's is below.
+        return [regs["cr3"] & 0x000FFFFFFFFFE000]
+
+    def paging_format(self, regs: dict[str, int]) -> PagingFormat:
+        return FIVE_LEVEL if regs["cr4"] & CR4_LA57 else FOUR_LEVEL
+
+    def in_kernel(self, regs: dict[str, int]) -> bool:
+        return regs.get("cs", 0x10) & 3 == 0
+
+
+ARCH = X86_64()

@@ -1,0 +1,223 @@
+"""A live guest seen through QEMU's gdbstub: vCPU registers, physical and virtual
+memory, paused or running.
+
+`Guest.connect(target)` stops the guest (QEMU does so when a debugger connects);
+`close()` resumes it if it was running when we came, so the guest is left as found.
+"""
+
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .arch import Arch, arch_of_target_xml
+from .errors import GuestMemoryError, QemuleakError
+from .memory import (GdbstubMem, PhysMemory, ProcMem, RamRange, SharedRam, hva_of_block,
+                     parse_mtree, qemu_pid_of)
+from .pagetable import PageTables
+from .rsp import Register, RSPClient
+
+BACKENDS = ("auto", "shared-ram", "proc-mem", "gdbstub")
+
+
+class Guest:
+    """Registers and memory of one QEMU guest."""
+
+    def __init__(self, rsp: RSPClient, arch: Arch, layout: list[Register],
+                 ram_block: str, ranges: list[RamRange], was_running: bool):
+        self.rsp = rsp
+        self.arch = arch
+        self.layout = layout
+        self.ram_block = ram_block
+        self.ranges = ranges
+        self.was_running = was_running
+        self.mem: PhysMemory | None = None
+        self.backend_note = ""          # why the memory backend is the one it is
+        self._regs: dict[int, dict[str, int]] = {}
+        self._tables: PageTables | None = None
+
+    # -- connecting ---------------------------------------------------------
+    @classmethod
+    def connect(cls, target: str, *, backend: str = "auto", ram_path: str | Path | None = None,
+                timeout: float = 5.0) -> "Guest":
+        """Attach to the gdbstub at `target` and open guest memory.
+
+        backend: "auto" picks shared-ram (when `ram_path`, e.g. the memfd of a VM we
+        launched, is given), then proc-mem (a local QEMU we may read), then gdbstub.
+        """
+        if backend not in BACKENDS:
+            raise QemuleakError(f"unknown memory backend {backend!r}", f"use one of {BACKENDS}")
+        rsp = RSPClient.connect(target, timeout=timeout)
+        try:
+            xml = rsp.target_xml().get("target.xml", "")
+            m = re.search(r"<architecture>\s*([^<\s]+)\s*</architecture>", xml)
+            arch = arch_of_target_xml(m.group(1) if m else "unknown")
+            block, ranges = parse_mtree(rsp.monitor("info mtree -f"))
+            guest = cls(rsp, arch, rsp.register_layout(), block, ranges, rsp.stopped_on_connect)
+            guest.mem, guest.backend_note = guest._open_memory(target, backend, ram_path)
+            return guest
+        except BaseException:
+            rsp.close()
+            raise
+
+    def _open_memory(self, target: str, backend: str,
+                     ram_path: str | Path | None) -> tuple[PhysMemory, str]:
+        tried = []
+        if backend in ("auto", "shared-ram") and ram_path is not None:
+            try:
+                return SharedRam(ram_path, self.ranges), f"mapped {ram_path}"
+            except QemuleakError as e:
+                if backend != "auto":
+                    raise
+                tried.append(e.message)
+        elif backend == "shared-ram":
+            raise QemuleakError("the shared-ram backend needs the guest's RAM file",
+                                "let qemuleak launch QEMU, or use --backend proc-mem")
+        if backend in ("auto", "proc-mem"):
+            pid = qemu_pid_of(target)
+            try:
+                if pid is None:
+                    raise GuestMemoryError(f"no local QEMU process listens at {target}")
+                hva = hva_of_block(self.rsp, self.ranges)
+                return ProcMem(pid, hva, self.ranges), f"/proc/{pid}/mem"
+            except QemuleakError as e:
+                if backend != "auto":
+                    raise
+                tried.append(e.message)
+        note = "physical-mode m packets" + (f" ({'; '.join(tried)})" if tried else "")
+        return GdbstubMem(self.rsp, self.ranges), note
+
+    def close(self, resume: bool | None = None) -> None:
+        """Resume the guest if it was running when we attached (or if `resume`), then
+        disconnect. Breakpoints we set are removed first."""
+        if self.rsp is None:
+            return
+        try:
+            if resume if resume is not None else self.was_running:
+                if not self.rsp.running:
+                    self.rsp.remove_all_breakpoints()
+                    self.rsp.cont()
+        finally:
+            if self.mem is not None:
+                self.mem.close()
+            self.rsp.close()
+            self.rsp = None
+
+    def __enter__(self) -> "Guest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- running and stopping -------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.rsp.running
+
+    def resume(self) -> None:
+        """Let the guest run; cached registers and page tables are dropped."""
+        self._regs.clear()
+        self._tables = None
+        self.rsp.cont()
+
+    def pause(self, timeout: float = 10.0) -> None:
+        if self.rsp.running:
+            self.rsp.interrupt()
+            self.rsp.wait_stop(timeout)
+
+    @contextmanager
+    def paused(self):
+        """Stop the guest for the block; resume it after if it was running."""
+        was_running = self.rsp.running
+        self.pause()
+        try:
+            yield self
+        finally:
+            if was_running:
+                self.resume()
+
+    # -- vCPUs ----------------------------------------------------------------
+    def cpus(self) -> list[str]:
+        """gdbstub thread ids, one per vCPU, in CPU order."""
+        return self.rsp.threads()
+
+    def registers(self, cpu: int = 0) -> dict[str, int]:
+        """Integer registers of vCPU `cpu` (guest must be stopped), by name."""
+        regs = self._regs.get(cpu)
+        if regs is None:
+            thread = self.cpus()[cpu]
+            raw = self.rsp.read_registers(thread)
+            regs = {}
+            for r in self.layout:
+                end = r.offset + (r.bitsize + 7) // 8
+                if r.bitsize <= 64 and end <= len(raw) and r.name not in self.arch.system_regs:
+                    regs[r.name] = int.from_bytes(raw[r.offset:end], "little")
+            by_name = {r.name: r for r in self.layout}
+            for name in self.arch.system_regs:
+                if name in by_name:
+                    regs[name] = int.from_bytes(self.rsp.read_register(by_name[name].regnum, thread),
+                                                "little")
+            self._regs[cpu] = regs
+        return regs
+
+    # -- memory ---------------------------------------------------------------
+    def page_tables(self) -> PageTables:
+        """The kernel's page tables (cached while the guest stays stopped)."""
+        if self._tables is None or self.rsp.running:
+            # A vCPU caught on a kernel entry trampoline runs on page tables that map
+            # almost nothing: of every candidate, take the fullest kernel half.
+            best = None
+            for cpu in range(len(self.cpus())):
+                regs = self.registers(cpu)
+                fmt = self.arch.paging_format(regs)
+                for root in self.arch.kernel_root_candidates(regs):
+                    try:
+                        top = PageTables(self.read_phys, root, fmt)
+                        n = len(top.kernel_top_entries())
+                    except QemuleakError:
+                        continue
+                    if best is None or n > best[0]:
+                        best = (n, top)
+            if best is None:
+                raise GuestMemoryError("found no kernel page tables on any vCPU")
+            self._tables = best[1]
+        return self._tables
+
+    def read_phys(self, gpa: int, size: int) -> bytes:
+        return self.mem.read(gpa, size)
+
+    def read(self, va: int, size: int) -> bytes:
+        """`size` bytes of kernel virtual memory at `va`, through the kernel's page
+        tables; GuestMemoryError if any page is not mapped."""
+        tables = self.page_tables()
+        parts = []
+        while size > 0:
+            n = min(size, 4096 - (va & 4095))
+            parts.append(self.mem.read(tables.translate(va), n))
+            va += n
+            size -= n
+        return b"".join(parts)
+
+    def read_u64(self, va: int) -> int:
+        return int.from_bytes(self.read(va, 8), "little")
+
+    def read_string(self, va: int, limit: int = 256) -> str:
+        data = self.read(va, limit)
+        return data.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    def ram_size(self) -> int:
+        return sum(r.size for r in self.ranges)
+
+
+def measure_read(mem: PhysMemory, total: int, chunk: int = 1 << 20) -> float:
+    """Bytes per second reading `total` bytes of RAM from the start, `chunk` at a time."""
+    start = time.perf_counter()
+    done = 0
+    for r in mem.ranges:
+        pos = r.gpa
+        while pos < r.end and done < total:
+            n = min(chunk, r.end - pos, total - done)
+            mem.read(pos, n)
+            pos += n
+            done += n
+    return done / (time.perf_counter() - start)
