@@ -22,8 +22,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--version", action="version", version=f"qemuleak {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "info", help="show what runs in a guest: kernel, KASLR offset, vCPUs, modules",
+        description="Attach to a QEMU gdbstub, identify the guest kernel and print its "
+                    "arch, banner, KASLR offset, memory backend, RAM, the task on each "
+                    "vCPU and the loaded modules. The guest is left running (or stopped) "
+                    "as it was found.")
+    add_target_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_info)
     return ap
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """TARGET and how to read the guest: shared by every command that attaches."""
+    p.add_argument("target", metavar="TARGET",
+                   help="QEMU's gdbstub: HOST:PORT, :PORT (127.0.0.1) or unix:PATH "
+                        "(start QEMU with -s for :1234, or -gdb tcp::PORT)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--vmlinux", metavar="FILE",
+                     help="the guest kernel's vmlinux (symbols, DWARF types, file:line)")
+    sym.add_argument("--system-map", metavar="FILE",
+                     help="the guest kernel's System.map (types then come from its BTF)")
+    p.add_argument("--backend", choices=("auto", "proc-mem", "gdbstub"), default="auto",
+                   help="how to read guest RAM (default: /proc/<qemu>/mem when QEMU runs "
+                        "here and may be read, else the gdbstub)")
+
+
+def cmd_info(args) -> int:
+    from .info import describe, format_text, to_json
+    d = describe(args.target, vmlinux=args.vmlinux, system_map=args.system_map,
+                 backend=args.backend)
+    print(to_json(d) if args.json else format_text(d))
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

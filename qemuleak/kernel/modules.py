@@ -1,0 +1,77 @@
+"""Loaded modules: names, where their code and data live, and their symbols."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .symbols import SymbolTable
+
+ELF64_SYM = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"),
+                      ("value", "<u8"), ("size", "<u8")])
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    address: int                          # the struct module
+    regions: tuple[tuple[int, int], ...]  # (start, size) of its core memory
+    percpu: int                           # its per-CPU area (0 if none)
+    percpu_size: int
+
+
+def _regions(kernel, mod: int) -> tuple[tuple[int, int], ...]:
+    """Core memory of a module: `mem[]` (6.4+) or core_layout (earlier)."""
+    t = kernel.types
+    if t.has_member("struct module", "mem"):
+        base = t.offsetof("struct module", "mem")
+        size = t.sizeof("struct module_memory")
+        n = t.member_size("struct module", "mem") // size
+        b_off, s_off = (t.offsetof("struct module_memory", f) for f in ("base", "size"))
+        out = []
+        for i in range(n):
+            m = mod + base + i * size
+            start, length = kernel.read_u64(m + b_off), kernel.read_u32(m + s_off)
+            if start and length:
+                out.append((start, length))
+        return tuple(out)
+    core = t.offsetof("struct module", "core_layout")
+    start = kernel.read_u64(mod + core + t.offsetof("struct module_layout", "base"))
+    length = kernel.read_u32(mod + core + t.offsetof("struct module_layout", "size"))
+    return ((start, length),) if start else ()
+
+
+def for_each_module(kernel, limit: int = 4096) -> list[Module]:
+    """Every module on the kernel's `modules` list, in list order."""
+    t = kernel.types
+    list_off = t.offsetof("struct module", "list")
+    name_off = t.offsetof("struct module", "name")
+    name_len = t.member_size("struct module", "name")
+    pcpu_off = t.offsetof("struct module", "percpu")
+    pcpu_size_off = t.offsetof("struct module", "percpu_size")
+    head = kernel.sym("modules")
+    out = []
+    node = kernel.read_u64(head)
+    while node != head and len(out) < limit:
+        mod = node - list_off
+        name = kernel.read(mod + name_off, name_len).split(b"\0", 1)[0].decode("utf-8", "replace")
+        out.append(Module(name, mod, _regions(kernel, mod), kernel.read_u64(mod + pcpu_off),
+                          kernel.read_u32(mod + pcpu_size_off)))
+        node = kernel.read_u64(node)
+    return out
+
+
+def module_symbols(kernel, module: Module) -> SymbolTable:
+    """The module's symbols, from the kallsyms the kernel keeps for it."""
+    t = kernel.types
+    ks = kernel.read_u64(module.address + t.offsetof("struct module", "kallsyms"))
+    symtab = kernel.read_u64(ks + t.offsetof("struct mod_kallsyms", "symtab"))
+    count = kernel.read_u32(ks + t.offsetof("struct mod_kallsyms", "num_symtab"))
+    strtab = kernel.read_u64(ks + t.offsetof("struct mod_kallsyms", "strtab"))
+    syms = np.frombuffer(kernel.read(symtab, count * ELF64_SYM.itemsize), ELF64_SYM)
+    keep = (syms["value"] != 0) & (syms["name"] != 0) & (syms["shndx"] != 0)
+    syms = syms[keep]
+    strings = kernel.read(strtab, int(syms["name"].max(initial=0)) + 256) if len(syms) else b""
+    names = [strings[o:strings.index(b"\0", o)].decode("utf-8", "replace")
+             for o in syms["name"].tolist()]
+    return SymbolTable.from_arrays(syms["value"], np.where(syms["size"] > 0, syms["size"], 0),
+                                   names, module=module.name, ranges=module.regions)
