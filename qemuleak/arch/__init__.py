@@ -39,6 +39,19 @@ class Arch:
         """Was this vCPU running kernel code when it stopped?"""
         raise NotImplementedError
 
+    def percpu_base(self, regs: dict[str, int]) -> int | None:
+        """This vCPU's per-CPU offset (__per_cpu_offset[cpu]) as its registers hold it."""
+        return None
+
+    def current_task(self, regs: dict[str, int]) -> int | None:
+        """The running task_struct, when a register holds it."""
+        return None
+
+    def module_windows(self, stext: int, numbers: dict[str, int]) -> list[tuple[int, int]]:
+        """Virtual ranges where module memory may be, given the kernel's _stext and
+        vmcoreinfo NUMBERs (used only when the `modules` symbol is unknown)."""
+        return []
+
     def untag(self, address: int) -> int:
         """A kernel pointer with any tag bits removed."""
         return address

@@ -57,6 +57,21 @@ class Arm64(Arch):
     def in_kernel(self, regs: dict[str, int]) -> bool:
         return (regs.get("cpsr", 0) >> 2) & 3 >= 1      # exception level EL1 or above
 
+    def percpu_base(self, regs: dict[str, int]) -> int | None:
+        return regs.get("TPIDR_EL1")          # the kernel keeps its per-CPU offset here
+
+    def current_task(self, regs: dict[str, int]) -> int | None:
+        # In the kernel, SP_EL0 holds `current` (in user mode, the user's stack).
+        return regs.get("SP_EL0") if self.in_kernel(regs) else None
+
+    def module_windows(self, stext: int, numbers: dict[str, int]) -> list[tuple[int, int]]:
+        # With KASLR, modules go within 2 GiB of the kernel text (module PLTs);
+        # without, into MODULES_VADDR..MODULES_END.
+        windows = [(max(stext - (2 << 30), 0xFFFF000000000000), min(stext + (2 << 30), 1 << 64))]
+        if "MODULES_VADDR" in numbers and "MODULES_END" in numbers:
+            windows.append((numbers["MODULES_VADDR"], numbers["MODULES_END"]))
+        return windows
+
     def untag(self, address: int) -> int:
         # Kernel pointers may carry a tag in the top byte (TBI); the real one is 0xff.
         return address | (0xFF << 56) if address >> 55 & 1 else address & ~(0xFF << 56)

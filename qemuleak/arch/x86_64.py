@@ -47,5 +47,13 @@ class X86_64(Arch):
     def in_kernel(self, regs: dict[str, int]) -> bool:
         return regs.get("cs", 0x10) & 3 == 0
 
+    def module_windows(self, stext: int, numbers: dict[str, int]) -> list[tuple[int, int]]:
+        return [(0xFFFFFFFFC0000000, 0xFFFFFFFFFF000000)]     # MODULES_VADDR..MODULES_END
+
+    def percpu_base(self, regs: dict[str, int]) -> int | None:
+        # The kernel's GS base is the per-CPU offset (per-CPU data is linked at 0);
+        # in user mode swapgs has parked it in KERNEL_GS_BASE.
+        return regs["gs_base"] if self.in_kernel(regs) else regs.get("k_gs_base")
+
 
 ARCH = X86_64()

@@ -7,7 +7,7 @@
   types from its BTF, the slide from vmcoreinfo.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import GuestMemoryError, KernelTypeError, QemuleakError, SymbolError
 from . import kaslr, vmcoreinfo
 from .symbols import SymbolTable
+from .btf import find_btf
 from .types import BtfTypes, DwarfTypes, KernelTypes
 
 
@@ -30,6 +31,7 @@ class Kernel:
     _types: KernelTypes | None = None
     _types_source: str = ""
     vmlinux: Path | None = None
+    _image: list = field(default_factory=list)      # (va, bytes) of the kernel image, if read
 
     @classmethod
     def open(cls, guest, vmlinux: str | Path | None = None,
@@ -50,14 +52,21 @@ class Kernel:
         else:
             table, source = None, "kallsyms"
         slide = kaslr.find_slide(guest, table, info)
+        image: list[tuple[int, bytes]] = []
         if table is None:
-            table = _kallsyms_table(guest, info)
+            image = _kernel_image(guest, info)
+            table = _kallsyms_table(guest, image)
         else:
             table = table.relocated(slide.offset)
-        banner = kaslr.check_banner(guest, table, expected)
-        return cls(guest, table, slide.offset, slide.method, source, info,
-                   banner.decode("utf-8", "replace").strip(),
-                   vmlinux=Path(vmlinux) if vmlinux else None)
+        if table.get("linux_banner") is not None:
+            banner = kaslr.check_banner(guest, table, expected)
+        else:               # kallsyms without KALLSYMS_ALL: text symbols only
+            banner = _search_banner(guest, image, info)
+        kernel = cls(guest, table, slide.offset, slide.method, source, info,
+                     banner.decode("utf-8", "replace").strip(),
+                     vmlinux=Path(vmlinux) if vmlinux else None)
+        kernel._image = image
+        return kernel
 
     # -- symbols and memory -------------------------------------------------
     def sym(self, name: str) -> int:
@@ -74,7 +83,13 @@ class Kernel:
 
     def percpu_offset(self, cpu: int) -> int:
         """__per_cpu_offset[cpu]: add it to a per-CPU variable's address."""
-        return self.read_u64(self.sym("__per_cpu_offset") + 8 * cpu)
+        table = self.symbols.get("__per_cpu_offset")
+        if table is not None:
+            return self.read_u64(table + 8 * cpu)
+        base = self.guest.arch.percpu_base(self.guest.registers(cpu))
+        if base is None:
+            raise SymbolError("cannot find the per-CPU areas: no __per_cpu_offset symbol")
+        return base
 
     def percpu(self, name: str, cpu: int) -> int:
         """Address of per-CPU variable `name` on `cpu`."""
@@ -87,13 +102,24 @@ class Kernel:
             if self.vmlinux is not None:
                 self._types, self._types_source = DwarfTypes(self.vmlinux), "DWARF (vmlinux)"
             else:
-                start, stop = self.symbols.get("__start_BTF"), self.symbols.get("__stop_BTF")
-                if start is None or stop is None or stop <= start:
-                    raise KernelTypeError("the kernel has no BTF and no vmlinux was given",
-                                          "pass --vmlinux, or build with CONFIG_DEBUG_INFO_BTF")
-                self._types = BtfTypes(self.read(start, stop - start))
+                self._types = BtfTypes(self._btf_blob())
                 self._types_source = "BTF (guest memory)"
         return self._types
+
+    def _btf_blob(self) -> bytes:
+        """The kernel's BTF: between __start_BTF and __stop_BTF, or found by its
+        header in the kernel image when those symbols are unknown."""
+        start, stop = self.symbols.get("__start_BTF"), self.symbols.get("__stop_BTF")
+        if start is not None and stop is not None and stop > start:
+            return self.read(start, stop - start)
+        for _, data in self._image or _kernel_image(self.guest, self.info):
+            try:
+                off, length = find_btf(data)
+            except KernelTypeError:
+                continue
+            return data[off:off + length]
+        raise KernelTypeError("the kernel has no BTF and no vmlinux was given",
+                              "pass --vmlinux, or build with CONFIG_DEBUG_INFO_BTF")
 
     @property
     def types_source(self) -> str:
@@ -107,13 +133,57 @@ def _load(loader, path, what: str) -> SymbolTable:
     return loader(path)
 
 
-def _kallsyms_table(guest, info: vmcoreinfo.VmcoreInfo | None) -> SymbolTable:
-    """Symbols decoded from the kernel's own kallsyms tables in guest memory,
-    searched for from the start of its text (which vmcoreinfo names)."""
-    from . import kallsyms
+IMAGE_SPAN = 64 << 20     # how much of the kernel image to read from _stext on
+
+
+def _kernel_image(guest, info: vmcoreinfo.VmcoreInfo | None) -> list[tuple[int, bytes]]:
+    """The mapped pieces of the kernel image, from _stext (which vmcoreinfo names)."""
     stext = info.symbol("_stext") if info is not None else None
     if stext is None:
         raise SymbolError("no symbols: no vmlinux, no System.map, and no vmcoreinfo to "
-                          "find the kernel's own symbol table with",
+                          "find the kernel image with", "pass --vmlinux or --system-map")
+    maps = guest.page_tables().mappings(stext, stext + IMAGE_SPAN)
+    return [(m.va, guest.mem.read(m.pa, m.size)) for m in maps]
+
+
+def _kallsyms_table(guest, image: list[tuple[int, bytes]]) -> SymbolTable:
+    """Symbols decoded from the kernel's own kallsyms tables in its image."""
+    from . import kallsyms
+
+    def read(va: int, size: int) -> bytes:
+        for start, data in image:
+            if start <= va and va + size <= start + len(data):
+                return data[va - start:va - start + size]
+        return guest.read(va, size)
+    return SymbolTable.from_kallsyms(
+        kallsyms.find_kallsyms(read, [(va, len(data)) for va, data in image]))
+
+
+def _search_banner(guest, image: list[tuple[int, bytes]],
+                   info: vmcoreinfo.VmcoreInfo | None) -> bytes:
+    """linux_banner found by its text: "Linux version <release> ... <uts version>".
+
+    The image may hold other strings that start the same way; the banner is the
+    one that ends with init_uts_ns's version, as the kernel builds it."""
+    if info is None or not info.release:
+        raise SymbolError("cannot find the kernel banner: linux_banner is not among the symbols",
                           "pass --vmlinux or --system-map")
-    return SymbolTable.from_kallsyms(kallsyms.find_kallsyms(guest.read, (stext, kallsyms.DEFAULT_SPAN)))
+    version = b""
+    uts = info.symbol("init_uts_ns")
+    if uts is not None:
+        name = uts + int(info.values.get("OFFSET(uts_namespace.name)", "0"))
+        version = guest.read(name + 3 * 65, 65).split(b"\0", 1)[0]    # new_utsname.version
+    needle = f"Linux version {info.release} ".encode()
+    found = []
+    for _, data in image:
+        at = data.find(needle)
+        while at >= 0:
+            found.append(data[at:data.find(b"\0", at)])
+            at = data.find(needle, at + 1)
+    for banner in found:
+        if version and banner.rstrip().endswith(version):
+            return banner
+    if found:
+        return found[0]
+    raise SymbolError("cannot find the kernel banner in the kernel image",
+                      "pass --vmlinux or --system-map")

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import QemuleakError
 from .symbols import SymbolTable
 
 ELF64_SYM = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"),
@@ -48,8 +49,10 @@ def for_each_module(kernel, limit: int = 4096) -> list[Module]:
     name_len = t.member_size("struct module", "name")
     pcpu_off = t.offsetof("struct module", "percpu")
     pcpu_size_off = t.offsetof("struct module", "percpu_size")
-    head = kernel.sym("modules")
+    head = modules_head(kernel)
     out = []
+    if head is None:
+        return out
     node = kernel.read_u64(head)
     while node != head and len(out) < limit:
         mod = node - list_off
@@ -58,6 +61,55 @@ def for_each_module(kernel, limit: int = 4096) -> list[Module]:
                           kernel.read_u32(mod + pcpu_size_off)))
         node = kernel.read_u64(node)
     return out
+
+
+def modules_head(kernel) -> int | None:
+    """Address of the kernel's `modules` list head; found in memory when the symbol
+    is unknown (kallsyms without KALLSYMS_ALL). None: no module is loaded."""
+    head = kernel.symbols.get("modules")
+    return head if head is not None else _search_modules_head(kernel)
+
+
+def _search_modules_head(kernel) -> int | None:
+    """Find a struct module by its self-reference (mkobj.mod points back at it), then
+    walk its list to the node that is not a module: the head."""
+    t = kernel.types
+    self_off = t.offsetof("struct module", "mkobj.mod")
+    list_off = t.offsetof("struct module", "list")
+    info = kernel.info
+    numbers = {k[7:-1]: int(v, 0) for k, v in (info.values.items() if info else ())
+               if k.startswith("NUMBER(") and v.startswith("0x")}
+    stext = kernel.symbols.get("_stext") or (info.symbol("_stext") if info else None)
+    tables = kernel.guest.page_tables()
+    for lo, hi in kernel.guest.arch.module_windows(stext or 0, numbers):
+        for m in tables.mappings(lo, hi):
+            words = np.frombuffer(kernel.guest.mem.read(m.pa, m.size), "<u8")
+            where = m.va + 8 * np.arange(len(words), dtype=np.uint64)
+            for i in np.flatnonzero(words == where - np.uint64(self_off)).tolist():
+                mod = m.va + 8 * i - self_off
+                if _name_ok(kernel, mod):
+                    return _walk_to_head(kernel, mod + list_off, list_off, self_off)
+    return None
+
+
+def _name_ok(kernel, mod: int) -> bool:
+    t = kernel.types
+    raw = kernel.read(mod + t.offsetof("struct module", "name"), t.member_size("struct module", "name"))
+    name = raw.split(b"\0", 1)[0]
+    return bool(name) and all(c == 0x5F or c == 0x2D or 0x30 <= c <= 0x39 or 0x41 <= c <= 0x5A
+                              or 0x61 <= c <= 0x7A for c in name)
+
+
+def _walk_to_head(kernel, node: int, list_off: int, self_off: int, limit: int = 4096) -> int | None:
+    for _ in range(limit):
+        node = kernel.read_u64(node)
+        try:
+            is_module = kernel.read_u64(node - list_off + self_off) == node - list_off
+        except QemuleakError:
+            is_module = False
+        if not is_module:
+            return node
+    return None
 
 
 def module_symbols(kernel, module: Module) -> SymbolTable:

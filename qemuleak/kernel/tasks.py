@@ -18,6 +18,9 @@ class Task:
 
 def current_task(kernel, cpu: int) -> int:
     """Address of the task_struct running on `cpu`."""
+    in_reg = kernel.guest.arch.current_task(kernel.guest.registers(cpu))
+    if in_reg is not None:
+        return in_reg
     for name in _CURRENT_VARS:
         if kernel.symbols.get(name) is not None:
             return kernel.read_u64(kernel.percpu(name, cpu))
