@@ -121,6 +121,35 @@ class Kernel:
         raise KernelTypeError("the kernel has no BTF and no vmlinux was given",
                               "pass --vmlinux, or build with CONFIG_DEBUG_INFO_BTF")
 
+    def vmcoreinfo(self) -> vmcoreinfo.VmcoreInfo:
+        """vmcoreinfo: through the `vmcoreinfo_data` pointer, else found in RAM."""
+        if self.info is None:
+            ptr = self.symbols.get("vmcoreinfo_data")
+            if ptr is not None:
+                self.info = vmcoreinfo.parse_at(self.read(self.read_u64(ptr), 4096))
+            if self.info is None:
+                self.info = vmcoreinfo.find_in_ram(self.guest.read_phys, self.guest.ranges)[1]
+        return self.info
+
+    def drgn_program(self, modules: list[Path] = ()):
+        """A drgn Program over our own memory transport: DWARF types, KASLR-aware
+        symbols, stack traces with file:line. Needs the vmlinux; `modules` are .ko
+        files with debug info for loaded modules."""
+        import drgn
+        if self.vmlinux is None:
+            raise KernelTypeError("drgn needs the vmlinux", "pass --vmlinux")
+        arch = {"x86_64": drgn.Architecture.X86_64, "arm64": drgn.Architecture.AARCH64}
+        flags = drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN
+        prog = drgn.Program(drgn.Platform(arch[self.guest.arch.name], flags))
+        mem = self.guest.mem
+        for r in self.guest.ranges:
+            prog.add_memory_segment(r.gpa, r.size,
+                                    lambda address, count, offset, physical: mem.read(address, count),
+                                    physical=True)
+        prog.set_linux_kernel_custom(self.vmcoreinfo().text.encode(), True)
+        prog.load_debug_info([str(self.vmlinux), *map(str, modules)])
+        return prog
+
     @property
     def types_source(self) -> str:
         self.types
