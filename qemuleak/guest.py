@@ -164,24 +164,34 @@ class Guest:
     def page_tables(self) -> PageTables:
         """The kernel's page tables (cached while the guest stays stopped)."""
         if self._tables is None or self.rsp.running:
-            # A vCPU caught on a kernel entry trampoline runs on page tables that map
-            # almost nothing: of every candidate, take the fullest kernel half.
-            best = None
+            # Each vCPU's register names a root. One caught on a kernel entry
+            # trampoline names tables that map almost nothing: then the arch's
+            # fallbacks (where the real tables sit next to it) are tried too.
+            fmt, roots = None, []
             for cpu in range(len(self.cpus())):
                 regs = self.registers(cpu)
                 fmt = self.arch.paging_format(regs)
-                for root in self.arch.kernel_root_candidates(regs):
-                    try:
-                        top = PageTables(self.read_phys, root, fmt)
-                        n = len(top.kernel_top_entries())
-                    except QemuleakError:
-                        continue
-                    if best is None or n > best[0]:
-                        best = (n, top)
+                roots += [r for r in self.arch.kernel_root_candidates(regs) if r not in roots]
+            best = self._fullest(roots, fmt)
+            if best is None or len(best.kernel_top_entries()) <= 2:
+                fallbacks = [f for r in roots for f in self.arch.kernel_root_fallbacks(r)]
+                best = self._fullest([*(roots if best is None else [best.root]), *fallbacks], fmt)
             if best is None:
                 raise GuestMemoryError("found no kernel page tables on any vCPU")
-            self._tables = best[1]
+            self._tables = best
         return self._tables
+
+    def _fullest(self, roots: list[int], fmt) -> PageTables | None:
+        best, most = None, -1
+        for root in roots:
+            try:
+                tables = PageTables(self.read_phys, root, fmt)
+                n = len(tables.kernel_top_entries())
+            except QemuleakError:
+                continue
+            if n > most:
+                best, most = tables, n
+        return best
 
     def read_phys(self, gpa: int, size: int) -> bytes:
         return self.mem.read(gpa, size)

@@ -24,6 +24,9 @@ class PagingFormat:
     shifts: tuple[int, ...]     # VA bit each level indexes, top level first: (39, 30, 21, 12)
     # entries -> (table mask, leaf mask, output address) at the level with `shift`
     decode: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+    # first top-level entry of the kernel half: 256 where one table maps both
+    # halves (x86_64), 0 where the kernel has a table of its own (arm64 TTBR1)
+    kernel_first_index: int = 256
 
     @property
     def va_bits(self) -> int:
@@ -75,7 +78,8 @@ class PageTables:
     def kernel_top_entries(self) -> list[int]:
         """Indices of the present entries of the kernel half of the top-level table."""
         is_table, is_leaf, _ = self.fmt.decode(self._table(self.root), self.fmt.shifts[0])
-        return [i for i in np.flatnonzero(is_table | is_leaf).tolist() if i >= 256]
+        first = self.fmt.kernel_first_index
+        return [i for i in np.flatnonzero(is_table | is_leaf).tolist() if i >= first]
 
     def mappings(self, start: int, end: int) -> list[Mapping]:
         """Every mapped piece of [start, end), adjacent pieces merged.

@@ -248,6 +248,8 @@ class RSPClient:
     #: how often a packet is resent after a NAK, and how many bad packets in a
     #: row we NAK before giving up
     max_retries = 3
+    #: `m` requests sent at once by read_memory (replies come back in order)
+    read_window = 16
 
     def __init__(self, sock: socket.socket, target: str = "gdbstub", timeout: float = DEFAULT_TIMEOUT,
                  on_output: Callable[[bytes], None] | None = None) -> None:
@@ -546,6 +548,43 @@ class RSPClient:
                     continue
             return pkt
 
+    def _transact_many(self, payloads: list[bytes]) -> list[bytes]:
+        """Send several packets in one write and return their replies in order.
+
+        The stub handles them one after the other; a NAK cannot be answered by a
+        resend without reordering, so it ends the connection like a timeout."""
+        if len(payloads) == 1:
+            return [self._transact(payloads[0])]
+        if self._dead is not None:
+            self._raise_dead()
+        deadline = _now() + self.timeout
+        framed = []
+        for payload in payloads:
+            body = _escape(payload) if _NEEDS_ESCAPE.search(payload) else payload
+            framed.append(b"$%b#%02x" % (body, _checksum(body)))
+        try:
+            self._sendall(b"".join(framed))
+            replies = []
+            for payload in payloads:
+                self._await_ack(payload, deadline)
+                replies.append(self._recv_reply(deadline))
+            return replies
+        except (_Timeout, _Closed, _Desync) as e:
+            self._fail(e, f"the answers to {len(payloads)} pipelined packets")
+
+    def _await_ack(self, payload: bytes, deadline: float) -> None:
+        """Wait for the ack of a pipelined packet (a reply before it implies it)."""
+        while True:
+            ev = self._next_event(deadline)
+            if ev == _ACK:
+                return
+            if ev == _NAK:
+                raise _Desync(f"gdbstub rejected pipelined {_show(payload)} (bad checksum?)")
+            assert isinstance(ev, bytes)
+            self._pending.append(ev)
+            if not (ev and ev[0] in _ASYNC_FIRST and (_STOP.fullmatch(ev) or _CONSOLE.fullmatch(ev))):
+                return
+
     def _transact(self, payload: bytes, expect_stop: bool = False, keep_output: bool = False) -> bytes:
         """Send a packet and return the raw reply payload."""
         if self._dead is not None:
@@ -837,10 +876,22 @@ class RSPClient:
         parts: list[bytes] = []
         end = addr + length
         step = self.max_read
-        transact = self._transact
+        window: list[tuple[int, int]] = []
+        replies: list[bytes] = []
         while addr < end:
-            n = min(step, end - addr)
-            reply = transact(b"m%x,%x" % (addr, n))
+            if not replies:
+                # Pipelined: a window of `m` requests in one write, replies in order.
+                window, pos = [], addr
+                while pos < end and len(window) < self.read_window:
+                    window.append((pos, min(step, end - pos)))
+                    pos += window[-1][1]
+                replies = self._transact_many([b"m%x,%x" % w for w in window])
+                replies.reverse()
+            reply = replies.pop()
+            addr_w, n = window[len(window) - len(replies) - 1]
+            if addr_w != addr:      # a short read earlier in the window: redo from here
+                replies = []
+                continue
             try:
                 data = binascii.unhexlify(reply)
             except (binascii.Error, ValueError):

@@ -28,8 +28,12 @@ class Arch:
 
     def kernel_root_candidates(self, regs: dict[str, int]) -> list[int]:
         """Guest-physical addresses that may hold the kernel's top-level page table,
-        given one vCPU's registers (the fullest one wins)."""
+        given one vCPU's registers (the fullest one of all vCPUs wins)."""
         raise NotImplementedError
+
+    def kernel_root_fallbacks(self, root: int) -> list[int]:
+        """Where the kernel's tables may be when `root` maps almost nothing."""
+        return []
 
     def paging_format(self, regs: dict[str, int]) -> PagingFormat:
         """The page-table layout this vCPU uses for the kernel half."""

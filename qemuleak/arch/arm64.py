@@ -23,7 +23,7 @@ def _decode(entries: np.ndarray, shift: int):
 def _format(va_bits: int) -> PagingFormat:
     levels = (va_bits - 12 + 8) // 9                  # 39 bits: 3 levels, 48: 4
     shifts = tuple(12 + 9 * i for i in reversed(range(levels)))
-    return PagingFormat(shifts=shifts, decode=_decode)
+    return PagingFormat(shifts=shifts, decode=_decode, kernel_first_index=0)
 
 
 class Arm64(Arch):
@@ -41,10 +41,12 @@ class Arm64(Arch):
     system_regs = ("TTBR1_EL1", "TCR_EL1", "VBAR_EL1", "SP_EL0", "TPIDR_EL1")
 
     def kernel_root_candidates(self, regs: dict[str, int]) -> list[int]:
-        # ASID in bits 63:48, CnP in bit 0. A vCPU on the KPTI entry trampoline has
-        # tramp_pg_dir in TTBR1; swapper_pg_dir is two pages above it.
-        root = regs["TTBR1_EL1"] & 0x0000FFFFFFFFFFFE
-        return [root, root + 2 * 4096]
+        return [regs["TTBR1_EL1"] & 0x0000FFFFFFFFFFFE]   # ASID in 63:48, CnP in bit 0
+
+    def kernel_root_fallbacks(self, root: int) -> list[int]:
+        # A vCPU on the KPTI entry trampoline has tramp_pg_dir in TTBR1;
+        # swapper_pg_dir is two pages above it (tramp, reserved, swapper).
+        return [root + 2 * 4096]
 
     def paging_format(self, regs: dict[str, int]) -> PagingFormat:
         tcr = regs["TCR_EL1"]

@@ -7,6 +7,7 @@ from qemuleak.errors import GuestMemoryError
 from qemuleak.guest import Guest
 from qemuleak.memory import GdbstubMem, SharedRam
 from tests.groundtruth import parse_objects
+from tests.guest.helpers import qemu_virtual_read
 
 pytestmark = pytest.mark.guest
 
@@ -17,12 +18,6 @@ def leaky_vm(boot):
     vm.send_line("insmod /modules/leaky.ko")
     vm.wait_for_line("leaky: ready", timeout=60)
     return vm
-
-
-def qemu_virtual_read(guest: Guest, va: int, size: int) -> bytes:
-    """QEMU's own translation: `m` in virtual mode on the current vCPU."""
-    guest.rsp.set_physical_mode(False)
-    return guest.rsp.read_memory(va, size)
 
 
 def test_backends_agree_on_virtual_reads(leaky_vm, arch):

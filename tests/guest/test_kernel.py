@@ -9,6 +9,7 @@ from qemuleak.guest import Guest
 from qemuleak.kernel import modules
 from qemuleak.kernel.kernel import Kernel
 from tests.groundtruth import parse_objects
+from tests.guest.helpers import qemu_virtual_read
 
 pytestmark = pytest.mark.guest
 
@@ -69,5 +70,4 @@ def test_five_level_paging(boot, arch):
         assert objs["kmalloc_leak"].address >> 56 == 0xFF     # a 57-bit address
         assert g.read(objs["kmalloc_leak"].address, 24) == b"kmalloc_leak" * 2
         assert g.read(objs["vmalloc_leak"].address, 24) == b"vmalloc_leak" * 2
-        g.rsp.set_physical_mode(False)
-        assert g.rsp.read_memory(objs["list_head"].address, 64) == g.read(objs["list_head"].address, 64)
+        assert qemu_virtual_read(g, objs["list_head"].address, 64) == g.read(objs["list_head"].address, 64)
