@@ -208,6 +208,10 @@ class Guest:
             size -= n
         return b"".join(parts)
 
+    def ram_mappings(self, start: int, end: int):
+        """The mapped pieces of [start, end) that are RAM (not device memory)."""
+        return [m for m in self.page_tables().mappings(start, end) if self.mem.is_ram(m.pa, m.size)]
+
     def read_u64(self, va: int) -> int:
         return int.from_bytes(self.read(va, 8), "little")
 

@@ -2,6 +2,8 @@
 
 import json
 
+from .errors import QemuleakError
+
 from .guest import Guest
 from .kernel import modules, tasks
 from .kernel.kernel import Kernel
@@ -15,9 +17,13 @@ def describe(target: str, vmlinux=None, system_map=None, backend: str = "auto",
         vcpus = []
         for cpu in range(len(guest.cpus())):
             regs = guest.registers(cpu)
-            t = tasks.task(kernel, tasks.current_task(kernel, cpu))
+            try:
+                t = tasks.task(kernel, tasks.current_task(kernel, cpu))
+                comm, pid = t.comm, t.pid
+            except QemuleakError as e:
+                comm, pid = f"? ({e.message})", None
             pc = regs[guest.arch.pc_reg]
-            vcpus.append({"cpu": cpu, "comm": t.comm, "pid": t.pid, "pc": f"{pc:#x}",
+            vcpus.append({"cpu": cpu, "comm": comm, "pid": pid, "pc": f"{pc:#x}",
                           "where": kernel.symbols.format(pc) if guest.arch.in_kernel(regs) else "user",
                           "mode": "kernel" if guest.arch.in_kernel(regs) else "user"})
         mods = [{"name": m.name, "address": f"{m.address:#x}",

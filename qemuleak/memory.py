@@ -95,6 +95,10 @@ class PhysMemory(ABC):
             size -= n
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def is_ram(self, gpa: int, size: int) -> bool:
+        """Is all of [gpa, gpa + size) RAM (in one range)?"""
+        return any(r.gpa <= gpa and gpa + size <= r.end for r in self.ranges)
+
     def range_of(self, gpa: int) -> RamRange:
         for r in self.ranges:
             if r.gpa <= gpa < r.end:

@@ -27,6 +27,8 @@ class PagingFormat:
     # first top-level entry of the kernel half: 256 where one table maps both
     # halves (x86_64), 0 where the kernel has a table of its own (arm64 TTBR1)
     kernel_first_index: int = 256
+    # the tables map only the upper (kernel) half: arm64 TTBR1
+    kernel_only: bool = False
 
     @property
     def va_bits(self) -> int:
@@ -63,6 +65,14 @@ class PageTables:
 
     def translate(self, va: int) -> int:
         """Guest-physical address of `va`; GuestMemoryError if it is not mapped."""
+        bits = self.fmt.va_bits
+        if self.fmt.kernel_only:                  # TTBR1: the bits above va_bits all set
+            ok = va >> bits == (1 << (64 - bits)) - 1
+        else:                                     # canonical: bits 63..va_bits-1 equal
+            ok = va >> (bits - 1) in (0, (1 << (65 - bits)) - 1)
+        if not ok:
+            raise GuestMemoryError(f"virtual address {va:#x} is not mapped (outside the "
+                                   f"{'kernel' if self.fmt.kernel_only else 'canonical'} range)")
         table = self.root
         for shift in self.fmt.shifts:
             idx = (self._index_bits(va) >> shift) & 0x1FF

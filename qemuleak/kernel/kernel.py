@@ -171,7 +171,7 @@ def _kernel_image(guest, info: vmcoreinfo.VmcoreInfo | None) -> list[tuple[int, 
     if stext is None:
         raise SymbolError("no symbols: no vmlinux, no System.map, and no vmcoreinfo to "
                           "find the kernel image with", "pass --vmlinux or --system-map")
-    maps = guest.page_tables().mappings(stext, stext + IMAGE_SPAN)
+    maps = guest.ram_mappings(stext, stext + IMAGE_SPAN)
     return [(m.va, guest.mem.read(m.pa, m.size)) for m in maps]
 
 

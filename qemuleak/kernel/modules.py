@@ -80,9 +80,8 @@ def _search_modules_head(kernel) -> int | None:
     numbers = {k[7:-1]: int(v, 0) for k, v in (info.values.items() if info else ())
                if k.startswith("NUMBER(") and v.startswith("0x")}
     stext = kernel.symbols.get("_stext") or (info.symbol("_stext") if info else None)
-    tables = kernel.guest.page_tables()
     for lo, hi in kernel.guest.arch.module_windows(stext or 0, numbers):
-        for m in tables.mappings(lo, hi):
+        for m in kernel.guest.ram_mappings(lo, hi):
             words = np.frombuffer(kernel.guest.mem.read(m.pa, m.size), "<u8")
             where = m.va + 8 * np.arange(len(words), dtype=np.uint64)
             for i in np.flatnonzero(words == where - np.uint64(self_off)).tolist():

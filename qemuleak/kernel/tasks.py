@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from ..errors import KernelTypeError
+from ..errors import KernelTypeError, QemuleakError
 
 # Per-CPU variables that point at the running task, by what the kernel has:
 # x86_64 `current_task` (moved into `pcpu_hot` in 6.2), arm64 `__entry_task`.
@@ -18,8 +18,10 @@ class Task:
 
 def current_task(kernel, cpu: int) -> int:
     """Address of the task_struct running on `cpu`."""
+    # A register is exact except right on a kernel entry path, where it may
+    # still hold a user value: trust it only if it reads like a task.
     in_reg = kernel.guest.arch.current_task(kernel.guest.registers(cpu))
-    if in_reg is not None:
+    if in_reg is not None and _looks_like_task(kernel, in_reg):
         return in_reg
     for name in _CURRENT_VARS:
         if kernel.symbols.get(name) is not None:
@@ -27,8 +29,17 @@ def current_task(kernel, cpu: int) -> int:
     if kernel.symbols.get("pcpu_hot") is not None:
         off = kernel.types.offsetof("struct pcpu_hot", "current_task")
         return kernel.read_u64(kernel.percpu("pcpu_hot", cpu) + off)
-    raise KernelTypeError("cannot tell which task runs on a CPU: none of "
-                          f"{', '.join(_CURRENT_VARS)}, pcpu_hot is in the symbols")
+    raise KernelTypeError(f"cannot tell which task runs on CPU {cpu}: it is on a kernel "
+                          f"entry path and none of {', '.join(_CURRENT_VARS)}, pcpu_hot "
+                          "is in the symbols")
+
+
+def _looks_like_task(kernel, address: int) -> bool:
+    try:
+        t = task(kernel, address)
+    except QemuleakError:
+        return False
+    return 0 <= t.pid <= 1 << 22 and t.comm.isprintable()
 
 
 def task(kernel, address: int) -> Task:

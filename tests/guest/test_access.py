@@ -63,3 +63,26 @@ def test_registers_of_every_vcpu(leaky_vm, arch):
     # The guest runs on: it answers on its console.
     leaky_vm.send_line("echo still-$((40+2))")
     leaky_vm.wait_for_line("still-42", timeout=30)
+
+
+def test_ram_above_the_4g_hole(boot, arch):
+    """x86_64 with 4 GiB: RAM is split around the PCI hole, and all backends map
+    both parts (arm64 virt has one range from 0x40000000)."""
+    vm = boot(modules=(), memory_mib=4096)
+    with Guest.connect(vm.gdb_target) as g:
+        if arch == "x86_64":
+            assert [(r.gpa, r.offset) for r in g.ranges] == [(0, 0), (1 << 32, 0xC0000000)]
+        else:
+            assert [(r.gpa, r.offset) for r in g.ranges] == [(0x40000000, 0)]
+        assert g.ram_size() == 4 << 30
+        shared = SharedRam(vm.ram_fd_path(), g.ranges)
+        stub = GdbstubMem(g.rsp, g.ranges)
+        try:
+            last = g.ranges[-1]
+            for gpa in (last.gpa, last.gpa + (123 << 20), last.end - 4096):
+                assert shared.read(gpa, 4096) == g.mem.read(gpa, 4096) == stub.read(gpa, 4096)
+            # The kernel uses that memory: some of it is not zero.
+            assert any(shared.read(last.gpa + i * (64 << 20), 1 << 20).strip(b"\0")
+                       for i in range(last.size >> 26))
+        finally:
+            shared.close()

@@ -171,9 +171,12 @@ def test_not_a_gdbstub():
     assert "Traceback" not in r.stderr
 
 
-def test_nokaslr_guest(tmp_path):
-    image = guest_image_for("x86_64")
-    with VM(VMConfig(kernel=image.kernel, initrd=image.base_initramfs, kaslr=False)) as vm:
+@pytest.mark.parametrize("arch", ["x86_64", "arm64"])
+def test_nokaslr_guest(arch):
+    image = guest_image_for(arch)
+    with VM(VMConfig(kernel=image.kernel, arch=arch, initrd=image.base_initramfs, kaslr=False)) as vm:
         vm.wait_for_line(initramfs.READY_MARKER, timeout=90)
-        d = describe(vm.gdb_target, system_map=image.system_map)
-        assert d["kaslr_offset"] == "0x0"
+        for kwargs in ({"vmlinux": image.vmlinux}, {"system_map": image.system_map}, {}):
+            d = describe(vm.gdb_target, **kwargs)
+            assert d["kaslr_offset"] == "0x0", kwargs
+            assert d["banner"].startswith(f"Linux version {image.release} ")
