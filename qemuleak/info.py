@@ -7,6 +7,7 @@ from .errors import QemuleakError
 from .guest import Guest
 from .kernel import modules, tasks
 from .kernel.kernel import Kernel
+from .kernel.symbols import SymbolTable
 
 
 def describe(target: str, vmlinux=None, system_map=None, backend: str = "auto",
@@ -14,6 +15,9 @@ def describe(target: str, vmlinux=None, system_map=None, backend: str = "auto",
     """Facts about the guest at `target`; it is left running (or stopped) as found."""
     with Guest.connect(target, backend=backend, ram_path=ram_path) as guest:
         kernel = Kernel.open(guest, vmlinux=vmlinux, system_map=system_map)
+        mod_list = modules.for_each_module(kernel)
+        symbols = SymbolTable.merge([kernel.symbols, *(modules.module_symbols(kernel, m)
+                                                       for m in mod_list)])
         vcpus = []
         for cpu in range(len(guest.cpus())):
             regs = guest.registers(cpu)
@@ -24,11 +28,11 @@ def describe(target: str, vmlinux=None, system_map=None, backend: str = "auto",
                 comm, pid = f"? ({e.message})", None
             pc = regs[guest.arch.pc_reg]
             vcpus.append({"cpu": cpu, "comm": comm, "pid": pid, "pc": f"{pc:#x}",
-                          "where": kernel.symbols.format(pc) if guest.arch.in_kernel(regs) else "user",
+                          "where": symbols.format(pc) if guest.arch.in_kernel(regs) else "user",
                           "mode": "kernel" if guest.arch.in_kernel(regs) else "user"})
         mods = [{"name": m.name, "address": f"{m.address:#x}",
                  "regions": [[f"{s:#x}", n] for s, n in m.regions]}
-                for m in modules.for_each_module(kernel)]
+                for m in mod_list]
         return {
             "target": target,
             "arch": guest.arch.name,
