@@ -25,11 +25,30 @@ class Arch:
     sp_reg: str
     kernel_window: tuple[int, int]  # where the kernel image may be mapped (KASLR range)
     system_regs: tuple[str, ...] = ()   # registers outside the `g` packet that we need
+    # calling convention, for breakpoint stops at a function's first instruction
+    arg_regs: tuple[str, ...]       # integer arguments, in order
+    return_reg: str                 # integer return value
+    breakpoint_kind: int            # the `kind` of Z0/z0 packets
+    trace_system_regs: tuple[str, ...] = ()   # system registers the tracer needs per stop
 
     def kernel_root_candidates(self, regs: dict[str, int]) -> list[int]:
         """Guest-physical addresses that may hold the kernel's top-level page table,
         given one vCPU's registers (the fullest one of all vCPUs wins)."""
         raise NotImplementedError
+
+    def return_site(self, regs: dict[str, int], read_u64) -> tuple[int, int]:
+        """(return address, stack pointer after the return) at a function's first
+        instruction: where to break to see its result, and how to tell that stop
+        from other calls returning there."""
+        raise NotImplementedError
+
+    def entry_nop(self, code: bytes) -> tuple[int, int] | None:
+        """(offset, length) of the NOP that ftrace leaves near a function's start,
+        given the function's first bytes; None if there is none.
+
+        A breakpoint there needs no single-step to get past: the tracer moves the
+        PC over the NOP instead of executing it."""
+        return None
 
     def kernel_root_fallbacks(self, root: int) -> list[int]:
         """Where the kernel's tables may be when `root` maps almost nothing."""

@@ -39,6 +39,23 @@ class Arm64(Arch):
     pc_reg, sp_reg = "pc", "sp"
     kernel_window = (0xFFFF000000000000, 0xFFFFFFFFFFFFFFFF)
     system_regs = ("TTBR1_EL1", "TCR_EL1", "VBAR_EL1", "SP_EL0", "TPIDR_EL1")
+    arg_regs = ("x0", "x1", "x2", "x3", "x4", "x5", "x6", "x7")
+    return_reg = "x0"
+    breakpoint_kind = 4
+    trace_system_regs = ("SP_EL0",)      # `current`
+
+    def entry_nop(self, code: bytes) -> tuple[int, int] | None:
+        # -fpatchable-function-entry=2 leaves two instructions that ftrace turns
+        # into "mov x9, x30; nop" at boot (the nop becomes a bl when traced);
+        # BTI kernels put a "bti c" first.
+        for offset in (0, 4, 8):
+            if code[offset:offset + 4] == b"\x1f\x20\x03\xd5":
+                return offset, 4
+        return None
+
+    def return_site(self, regs: dict[str, int], read_u64) -> tuple[int, int]:
+        # `bl` left the return address in x30 (PAC bits, if any, stripped).
+        return self.untag(regs["x30"]) | (0xFFFF << 48), regs["sp"]
 
     def kernel_root_candidates(self, regs: dict[str, int]) -> list[int]:
         return [regs["TTBR1_EL1"] & 0x0000FFFFFFFFFFFE]   # ASID in 63:48, CnP in bit 0

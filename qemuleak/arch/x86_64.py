@@ -35,6 +35,21 @@ class X86_64(Arch):
     ram_base = 0
     pc_reg, sp_reg = "rip", "rsp"
     kernel_window = (0xFFFFFFFF80000000, 0xFFFFFFFFC0000000)
+    arg_regs = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+    return_reg = "rax"
+    breakpoint_kind = 1
+
+    def entry_nop(self, code: bytes) -> tuple[int, int] | None:
+        # The 5-byte NOP that CONFIG_DYNAMIC_FTRACE leaves for __fentry__,
+        # after an ENDBR64 when the kernel has IBT.
+        for offset in (0, 4):
+            if code[offset:offset + 5] == b"\x0f\x1f\x44\x00\x00":
+                return offset, 5
+        return None
+
+    def return_site(self, regs: dict[str, int], read_u64) -> tuple[int, int]:
+        # `call` pushed the return address; `ret` pops it.
+        return read_u64(regs["rsp"]), regs["rsp"] + 8
 
     def kernel_root_candidates(self, regs: dict[str, int]) -> list[int]:
         # Bits 0-11 are the PCID; with page-table isolation a vCPU stopped in user

@@ -1,0 +1,322 @@
+"""Trace kernel allocations and frees through gdbstub breakpoints.
+
+At an allocator's first instruction we record the arguments, who runs (comm, pid,
+cpu, or "hardirq"/"softirq" as kmemleak says), jiffies, the registers and a copy
+of the top of the kernel stack (for the backtrace, unwound later and only when
+shown), and plant a breakpoint on the return site. At the return site, matched by
+(vCPU, stack pointer) so nested and interleaved calls stay apart, the result is
+known and the object enters the table. A free is one stop: its argument leaves the
+table. Return-site breakpoints are removed when no call waits on them.
+
+Cost per traced allocation: two stops and three round trips (`g` at each stop,
+`Z0` and `z0` for the return site); a free: one stop and one round trip.
+"""
+
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import GuestConnectionError, QemuleakError
+
+STACK_COPY = 4096        # bytes of kernel stack saved per allocation
+ZERO_SIZE_PTR = 0x10     # what kmalloc(0) returns: not an object
+HARDIRQ_MASK, SOFTIRQ_OFFSET = 0x000F0000, 0x100
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A traced function: which argument is what."""
+
+    name: str
+    role: str                       # "alloc", "free", "free_bulk"
+    kind: str = "kmalloc"           # what it allocates: kmalloc, cache, vmalloc, page
+    size_arg: int | None = None
+    cache_arg: int | None = None    # kmem_cache *: size is its object_size
+    ptr_arg: int | None = None      # free: the object
+    count_arg: int | None = None    # free_bulk: how many, and ptr_arg the array
+
+
+# The 6.1 allocation API; the tracer breaks on those the guest's symbols have.
+# Inner functions only where outer ones call them, so no object is seen twice.
+PROBES = (
+    Probe("__kmalloc", "alloc", size_arg=0),
+    Probe("__kmalloc_node", "alloc", size_arg=0),
+    Probe("__kmalloc_node_track_caller", "alloc", size_arg=0),
+    Probe("kmalloc_trace", "alloc", size_arg=2),
+    Probe("kmalloc_node_trace", "alloc", size_arg=3),
+    Probe("kmalloc_large", "alloc", "page", size_arg=0),
+    Probe("kmalloc_large_node", "alloc", "page", size_arg=0),
+    Probe("kmem_cache_alloc", "alloc", "cache", cache_arg=0),
+    Probe("kmem_cache_alloc_lru", "alloc", "cache", cache_arg=0),
+    Probe("kmem_cache_alloc_node", "alloc", "cache", cache_arg=0),
+    Probe("__vmalloc_node_range", "alloc", "vmalloc", size_arg=0),
+    Probe("kfree", "free", ptr_arg=0),
+    Probe("kmem_cache_free", "free", ptr_arg=1),
+    Probe("vfree", "free", ptr_arg=0),
+    Probe("kmem_cache_free_bulk", "free_bulk", count_arg=1, ptr_arg=2),
+)
+
+
+@dataclass
+class Pending:
+    """An allocation entered but not yet returned."""
+
+    probe: Probe
+    size: int
+    comm: str
+    pid: int
+    cpu: int
+    jiffies: int
+    time: float
+    regs: dict
+    stack: bytes
+    return_site: int
+
+
+@dataclass
+class Stats:
+    stops: int = 0
+    allocs: int = 0
+    frees: int = 0
+    unknown_frees: int = 0
+    null_returns: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Tracer:
+    """Breakpoints on the guest kernel's allocator, feeding an object table."""
+
+    def __init__(self, kernel, table, probes=PROBES):
+        self.kernel = kernel
+        self.guest = kernel.guest
+        self.rsp = kernel.guest.rsp
+        self.arch = kernel.guest.arch
+        self.table = table
+        self.stats = Stats()
+        # Breakpoints sit on the ftrace NOP near each function's start: at a stop
+        # the PC is moved past it, so the guest resumes with no single-step.
+        self.probes: dict[int, Probe] = {}
+        self.skipped: list[str] = []
+        for probe in probes:
+            address = kernel.symbols.get(probe.name)
+            if address is None:
+                continue
+            nop = self.arch.entry_nop(kernel.guest.read(address, 16))
+            if nop is None:
+                self.skipped.append(probe.name)
+                continue
+            self.probes[address + nop[0]] = probe
+            self._nop_length = nop[1]
+        if not any(p.role == "alloc" for p in self.probes.values()):
+            raise QemuleakError("none of the kernel's allocation functions is in the symbols",
+                                "pass --vmlinux or --system-map for this kernel")
+        self.pending: dict[tuple[int, int], Pending] = {}
+        self.return_sites: dict[int, int] = {}       # address -> calls waiting there
+        self._threads = self.guest.cpus()
+        self._cpu_of = {t: i for i, t in enumerate(self._threads)}
+        self._layout = {r.name: r for r in self.guest.layout}
+        self._regnames = (self.arch.pc_reg, self.arch.sp_reg, *self.arch.arg_regs,
+                          self.arch.return_reg, *[r for r in ("x29", "x30", "rbp", "gs_base", "cs", "cpsr")
+                                                  if r in self._layout])
+        self._object_size_off = kernel.types.offsetof("struct kmem_cache", "object_size")
+        self._comm_off = kernel.types.offsetof("struct task_struct", "comm")
+        self._pid_off = kernel.types.offsetof("struct task_struct", "pid")
+        self._jiffies = kernel.symbols.get("jiffies")
+        self._preempt = self._preempt_count_reader()
+        self.kind = self.arch.breakpoint_kind
+
+    # -- breakpoints -------------------------------------------------------
+    def start(self) -> None:
+        """Insert the entry breakpoints (the guest must be stopped)."""
+        for address in self.probes:
+            self.rsp.insert_breakpoint(address, self.kind)
+
+    def stop(self) -> None:
+        """Remove every breakpoint we set; the guest stays stopped."""
+        self.guest.pause()
+        self.rsp.remove_all_breakpoints()
+        self.pending.clear()
+        self.return_sites.clear()
+
+    # -- the loop ----------------------------------------------------------
+    def run(self, until, poll: float = 0.2) -> None:
+        """Trace until `until()` is true (checked at least every `poll` seconds).
+        The guest is stopped when this returns."""
+        rsp = self.rsp
+        while not until():
+            if not rsp.running:
+                rsp.cont()
+            try:
+                stop = rsp.wait_stop(timeout=poll)
+            except GuestConnectionError:
+                if rsp._dead is not None:        # the guest went away
+                    raise
+                continue                          # poll timeout: check `until`
+            self.handle(stop)
+        self.guest.pause()
+
+    def handle(self, stop) -> None:
+        """One breakpoint stop."""
+        self.stats.stops += 1
+        cpu = self._cpu_of.get(stop.thread or "", 0)
+        regs = self._registers(stop.thread)
+        pc = regs[self.arch.pc_reg]
+        probe = self.probes.get(pc)
+        if probe is not None:
+            if probe.role == "alloc":
+                self._enter_alloc(probe, cpu, regs, pc)
+            elif probe.role == "free":
+                self._free(regs[self.arch.arg_regs[probe.ptr_arg]])
+            else:
+                self._free_bulk(probe, regs)
+            self._write_pc(stop.thread, pc + self._nop_length)
+        elif pc in self.return_sites:
+            self._return(cpu, regs, pc, stop.thread)
+
+    def _registers(self, thread) -> dict[str, int]:
+        raw = self.rsp.read_registers(thread)
+        regs = {}
+        for name in self._regnames:
+            r = self._layout[name]
+            regs[name] = int.from_bytes(raw[r.offset:r.offset + r.bitsize // 8], "little")
+        for name in self.arch.trace_system_regs:
+            regs[name] = int.from_bytes(self.rsp.read_register(self._layout[name].regnum, thread), "little")
+        return regs
+
+    def _enter_alloc(self, probe: Probe, cpu: int, regs: dict, pc: int) -> None:
+        args = self.arch.arg_regs
+        if probe.cache_arg is not None:
+            size = self._read_u32(regs[args[probe.cache_arg]] + self._object_size_off)
+        else:
+            size = regs[args[probe.size_arg]]
+        site, sp_after = self.arch.return_site(regs, self.guest.read_u64)
+        comm, pid = self._who(cpu, regs)
+        stack = self._stack_copy(regs[self.arch.sp_reg])
+        self.pending[(cpu, sp_after)] = Pending(
+            probe, size, comm, pid, cpu, self._read_jiffies(), time.time(), regs, stack, site)
+        waiting = self.return_sites.get(site, 0)
+        if waiting == 0:
+            self.rsp.insert_breakpoint(site, self.kind)
+        self.return_sites[site] = waiting + 1
+
+    def _stack_copy(self, sp: int) -> bytes:
+        """Up to STACK_COPY bytes from sp, stopping at the stack's unmapped end."""
+        parts, at = [], sp
+        while at < sp + STACK_COPY:
+            n = min(4096 - (at & 4095), sp + STACK_COPY - at)
+            try:
+                parts.append(self.guest.read(at, n))
+            except QemuleakError:
+                break
+            at += n
+        return b"".join(parts)
+
+    def _write_pc(self, thread, pc: int) -> None:
+        self.rsp.write_register(self._layout[self.arch.pc_reg].regnum,
+                                pc.to_bytes(8, "little"), thread)
+
+    def _return(self, cpu: int, regs: dict, pc: int, thread) -> None:
+        sp = regs[self.arch.sp_reg]
+        entry = self.pending.pop((cpu, sp), None)
+        left = self.return_sites[pc] - (entry is not None)
+        if left:
+            # Other calls still wait here: step this vCPU past the breakpoint.
+            self.return_sites[pc] = left
+            self.rsp.remove_breakpoint(pc, self.kind)
+            self.rsp.step(thread, timeout=10)
+            self.rsp.insert_breakpoint(pc, self.kind)
+        else:
+            del self.return_sites[pc]
+            self.rsp.remove_breakpoint(pc, self.kind)
+        if entry is None:
+            return                                 # a call we did not see enter
+        address = regs[self.arch.return_reg]
+        if address in (0, ZERO_SIZE_PTR) or entry.size == 0:
+            self.stats.null_returns += 1
+            return
+        self.stats.allocs += 1
+        self.table_add(address, entry)
+
+    def table_add(self, address: int, entry: Pending) -> None:
+        self.table.add(address, entry)
+
+    def _free(self, address: int) -> None:
+        if address in (0, ZERO_SIZE_PTR):
+            return
+        self.stats.frees += 1
+        if self.table.remove(address) is None:
+            self.stats.unknown_frees += 1
+
+    def _free_bulk(self, probe: Probe, regs: dict) -> None:
+        args = self.arch.arg_regs
+        count = regs[args[probe.count_arg]]
+        if count <= 0 or count > 1 << 16:
+            return
+        pointers = np.frombuffer(self.guest.read(regs[args[probe.ptr_arg]], 8 * count), "<u8")
+        for address in pointers.tolist():
+            self._free(address)
+
+    # -- who and when --------------------------------------------------------
+    def _who(self, cpu: int, regs: dict) -> tuple[str, int]:
+        """kmemleak's comm and pid: the task, or hardirq/softirq with pid 0."""
+        count = self._preempt(cpu, regs)
+        if count & HARDIRQ_MASK:
+            return "hardirq", 0
+        if count & SOFTIRQ_OFFSET:
+            return "softirq", 0
+        task = self._current(cpu, regs)
+        raw = self.guest.read(task + self._comm_off, 16)
+        pid = int.from_bytes(self.guest.read(task + self._pid_off, 4), "little", signed=True)
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace"), pid
+
+    def _current(self, cpu: int, regs: dict) -> int:
+        task = self.arch.current_task(regs)
+        if task is not None:
+            return task
+        base = self.arch.percpu_base(regs)
+        return self.guest.read_u64(base + self._current_var)
+
+    def _preempt_count_reader(self):
+        """How to read the preempt count at a stop: per-CPU (x86) or in
+        current's thread_info (arm64), whichever the kernel has."""
+        sym = self.kernel.symbols
+        t = self.kernel.types
+        # A per-CPU variable lives at its link address plus the CPU's offset.
+        self._current_var = next((sym.get(n) for n in ("current_task", "__entry_task")
+                                  if sym.get(n) is not None), None)
+        count = sym.get("__preempt_count")
+        if count is not None:
+            return lambda cpu, regs: self._read_u32(self.arch.percpu_base(regs) + count)
+        if t.has_member("struct task_struct", "thread_info") and \
+                t.has_member("struct thread_info", "preempt_count"):
+            off = t.offsetof("struct task_struct", "thread_info") + \
+                t.offsetof("struct thread_info", "preempt_count")
+            return lambda cpu, regs: self._read_u32(self._current(cpu, regs) + off)
+        return lambda cpu, regs: 0
+
+    def _read_u32(self, address: int) -> int:
+        return int.from_bytes(self.guest.read(address, 4), "little")
+
+    def _read_jiffies(self) -> int:
+        return self.guest.read_u64(self._jiffies) if self._jiffies is not None else 0
+
+
+@contextmanager
+def tracing(tracer: Tracer):
+    """Insert the breakpoints for the block; on any exit (normal, exception,
+    Ctrl-C, SIGTERM) remove them all and leave the guest as it was found."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, on_term)
+    tracer.start()
+    try:
+        yield tracer
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        try:
+            tracer.stop()
+        except QemuleakError:
+            pass
