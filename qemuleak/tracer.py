@@ -6,7 +6,12 @@ of the top of the kernel stack (for the backtrace, unwound later and only when
 shown), and plant a breakpoint on the return site. At the return site, matched by
 (vCPU, stack pointer) so nested and interleaved calls stay apart, the result is
 known and the object enters the table. A free is one stop: its argument leaves the
-table. Return-site breakpoints are removed when no call waits on them.
+table.
+
+Calls are matched by stack pointer alone: every task and every CPU's interrupt
+stack is a stack of its own, so a stack pointer names one call frame at a time,
+even when the task sleeps in the allocator and wakes up on another vCPU (keying
+by vCPU too loses those). Return-site breakpoints are removed when no call waits on them.
 
 Cost per traced allocation: two stops and three round trips (`g` at each stop,
 `Z0` and `z0` for the return site); a free: one stop and one round trip.
@@ -113,7 +118,7 @@ class Tracer:
         if not any(p.role == "alloc" for p in self.probes.values()):
             raise QemuleakError("none of the kernel's allocation functions is in the symbols",
                                 "pass --vmlinux or --system-map for this kernel")
-        self.pending: dict[tuple[int, int], Pending] = {}
+        self.pending: dict[int, Pending] = {}             # by stack pointer at return
         self.return_sites: dict[int, int] = {}       # address -> calls waiting there
         self._threads = self.guest.cpus()
         self._cpu_of = {t: i for i, t in enumerate(self._threads)}
@@ -195,7 +200,7 @@ class Tracer:
         site, sp_after = self.arch.return_site(regs, self.guest.read_u64)
         comm, pid = self._who(cpu, regs)
         stack = self._stack_copy(regs[self.arch.sp_reg])
-        self.pending[(cpu, sp_after)] = Pending(
+        self.pending[sp_after] = Pending(
             probe, size, comm, pid, cpu, self._read_jiffies(), time.time(), regs, stack, site)
         waiting = self.return_sites.get(site, 0)
         if waiting == 0:
@@ -220,7 +225,7 @@ class Tracer:
 
     def _return(self, cpu: int, regs: dict, pc: int, thread) -> None:
         sp = regs[self.arch.sp_reg]
-        entry = self.pending.pop((cpu, sp), None)
+        entry = self.pending.pop(sp, None)
         left = self.return_sites[pc] - (entry is not None)
         if left:
             # Other calls still wait here: step this vCPU past the breakpoint.
