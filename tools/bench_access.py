@@ -5,8 +5,8 @@
 
 Boots the test guest with allocstorm running (a busy kernel), then measures:
 - gdbstub round trip: `g` (all registers) and a 2 KiB `m` read;
-- breakpoint stop cycles per second on kmem_cache_alloc: stop reply, `g`, `c`
-  (the floor of any gdbstub tracer);
+- breakpoint stop cycles per second on kmem_cache_alloc: stop reply, `g`, PC
+  past the ftrace NOP, `c` (the floor of any gdbstub tracer);
 - guest RAM read throughput of each memory backend, as a ratio to the gdbstub's
   `m` packets (which read a sample only: they are slow).
 """
@@ -35,20 +35,26 @@ def per_call(fn, n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-def stop_cycles(guest: Guest, address: int, seconds: float) -> float:
-    """Breakpoint stops per second: continue, stop reply, read registers."""
-    rsp = guest.rsp
-    rsp.insert_breakpoint(address)
+def stop_cycles(guest: Guest, function: int, seconds: float) -> float:
+    """Breakpoint stops per second on a busy function: stop reply, `g`, the PC
+    moved past the ftrace NOP the breakpoint sits on (`P`), `c`. This is the floor
+    of any gdbstub tracer: every traced call costs at least this one stop."""
+    rsp, arch = guest.rsp, guest.arch
+    offset, length = arch.entry_nop(guest.read(function, 16))
+    address = function + offset
+    pc = next(r for r in guest.layout if r.name == arch.pc_reg)
+    rsp.insert_breakpoint(address, arch.breakpoint_kind)
     try:
         stops, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             rsp.cont()
-            rsp.wait_stop(timeout=10)
-            rsp.read_registers()
+            stop = rsp.wait_stop(timeout=10)
+            rsp.read_registers(stop.thread)
+            rsp.write_register(pc.regnum, (address + length).to_bytes(8, "little"), stop.thread)
             stops += 1
         return stops / (time.perf_counter() - start)
     finally:
-        rsp.remove_breakpoint(address)
+        rsp.remove_breakpoint(address, arch.breakpoint_kind)
 
 
 def main() -> int:
@@ -92,7 +98,7 @@ def main() -> int:
     mb = 1e6
     print(f"guest: {args.arch}, {args.memory} MiB, 2 vCPUs, TCG, allocstorm running")
     print(f"gdbstub round trip: g {g_ms:.3f} ms, m 2 KiB {m_ms:.3f} ms")
-    print(f"breakpoint stop cycles (kmem_cache_alloc; stop, g, c): {stops:,.0f}/s "
+    print(f"breakpoint stop cycles (kmem_cache_alloc; stop, g, P, c): {stops:,.0f}/s "
           f"({1e3 / stops:.3f} ms each)")
     print(f"RAM read, whole guest ({total >> 20} MiB) unless noted:")
     print(f"  shared-ram  {shared_bps / mb:8.0f} MB/s cold ({shared_s:.2f} s), "
