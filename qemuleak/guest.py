@@ -115,9 +115,10 @@ class Guest:
         return self.rsp.running
 
     def resume(self) -> None:
-        """Let the guest run; cached registers and page tables are dropped."""
+        """Let the guest run; cached registers and page-table pages are dropped."""
         self._regs.clear()
-        self._tables = None
+        if self._tables is not None:
+            self._tables.invalidate()
         self.rsp.cont()
 
     def pause(self, timeout: float = 10.0) -> None:
@@ -163,7 +164,7 @@ class Guest:
     # -- memory ---------------------------------------------------------------
     def page_tables(self) -> PageTables:
         """The kernel's page tables (cached while the guest stays stopped)."""
-        if self._tables is None or self.rsp.running:
+        if self._tables is None:
             # Each vCPU's register names a root. One caught on a kernel entry
             # trampoline names tables that map almost nothing: then the arch's
             # fallbacks (where the real tables sit next to it) are tried too.
@@ -180,6 +181,13 @@ class Guest:
                 raise GuestMemoryError("found no kernel page tables on any vCPU")
             self._tables = best
         return self._tables
+
+    def pin_kernel_root(self, va: int) -> None:
+        """Walk from the kernel's own top-level table (swapper_pg_dir, init_top_pgt)
+        from now on: a vCPU's register may name a process's tables, which die with
+        the process."""
+        tables = self.page_tables()
+        self._tables = PageTables(self.read_phys, tables.translate(va), tables.fmt)
 
     def _fullest(self, roots: list[int], fmt) -> PageTables | None:
         best, most = None, -1

@@ -53,6 +53,10 @@ class PageTables:
         self.fmt = fmt
         self._tables: dict[int, np.ndarray] = {}
 
+    def invalidate(self) -> None:
+        """Forget the table pages read so far (the guest has run since)."""
+        self._tables.clear()
+
     def _table(self, pa: int) -> np.ndarray:
         t = self._tables.get(pa)
         if t is None:

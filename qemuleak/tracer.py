@@ -25,10 +25,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import GuestConnectionError, QemuleakError
+from .objects import Flags, Kind
 
 STACK_COPY = 4096        # bytes of kernel stack saved per allocation
 ZERO_SIZE_PTR = 0x10     # what kmalloc(0) returns: not an object
 HARDIRQ_MASK, SOFTIRQ_OFFSET = 0x000F0000, 0x100
+KINDS = {"kmalloc": Kind.KMALLOC, "cache": Kind.CACHE, "vmalloc": Kind.VMALLOC,
+         "page": Kind.PAGE, "percpu": Kind.PERCPU}
 
 
 @dataclass(frozen=True)
@@ -75,10 +78,13 @@ class Pending:
     pid: int
     cpu: int
     jiffies: int
-    time: float
+    time_ns: int
     regs: dict
-    stack: bytes
+    stack: bytes | None             # dropped once unwound
     return_site: int
+    cache: str | None = None
+    flags: int = 0
+    backtrace: tuple[int, ...] = ()
 
 
 @dataclass
@@ -94,7 +100,9 @@ class Stats:
 class Tracer:
     """Breakpoints on the guest kernel's allocator, feeding an object table."""
 
-    def __init__(self, kernel, table, probes=PROBES):
+    def __init__(self, kernel, table, probes=PROBES, unwinder=None):
+        """`unwinder(regs, stack) -> return addresses` turns an entry stop's saved
+        registers and stack copy into a backtrace (default: the entry PC only)."""
         self.kernel = kernel
         self.guest = kernel.guest
         self.rsp = kernel.guest.rsp
@@ -127,6 +135,10 @@ class Tracer:
                           self.arch.return_reg, *[r for r in ("x29", "x30", "rbp", "gs_base", "cs", "cpsr")
                                                   if r in self._layout])
         self._object_size_off = kernel.types.offsetof("struct kmem_cache", "object_size")
+        self._cache_name_off = kernel.types.offsetof("struct kmem_cache", "name")
+        self._cache_names: dict[int, str] = {}
+        self._to_unwind: list[Pending] = []
+        self.unwinder = unwinder or (lambda regs, stack: (regs[self.arch.pc_reg],))
         self._comm_off = kernel.types.offsetof("struct task_struct", "comm")
         self._pid_off = kernel.types.offsetof("struct task_struct", "pid")
         self._jiffies = kernel.symbols.get("jiffies")
@@ -153,7 +165,8 @@ class Tracer:
         rsp = self.rsp
         while not until():
             if not rsp.running:
-                rsp.cont()
+                self.guest.resume()
+                self.unwind_pending()             # while the guest runs
             try:
                 stop = rsp.wait_stop(timeout=poll)
             except GuestConnectionError:
@@ -193,19 +206,38 @@ class Tracer:
 
     def _enter_alloc(self, probe: Probe, cpu: int, regs: dict, pc: int) -> None:
         args = self.arch.arg_regs
+        cache = None
         if probe.cache_arg is not None:
-            size = self._read_u32(regs[args[probe.cache_arg]] + self._object_size_off)
+            s = regs[args[probe.cache_arg]]
+            size = self._read_u32(s + self._object_size_off)
+            cache = self._cache_name(s)
         else:
             size = regs[args[probe.size_arg]]
         site, sp_after = self.arch.return_site(regs, self.guest.read_u64)
-        comm, pid = self._who(cpu, regs)
-        stack = self._stack_copy(regs[self.arch.sp_reg])
-        self.pending[sp_after] = Pending(
-            probe, size, comm, pid, cpu, self._read_jiffies(), time.time(), regs, stack, site)
+        comm, pid, flags = self._who(cpu, regs)
+        entry = Pending(probe, size, comm, pid, cpu, self._read_jiffies(), time.time_ns(),
+                        regs, self._stack_copy(regs[self.arch.sp_reg]), site, cache, flags)
+        self.pending[sp_after] = entry
+        self._to_unwind.append(entry)
         waiting = self.return_sites.get(site, 0)
         if waiting == 0:
             self.rsp.insert_breakpoint(site, self.kind)
         self.return_sites[site] = waiting + 1
+
+    def unwind_pending(self) -> None:
+        """Backtraces of the allocations entered so far, from their saved registers
+        and stack copies; run while the guest runs, between stops."""
+        for entry in self._to_unwind:
+            entry.backtrace = tuple(self.unwinder(entry.regs, entry.stack))
+            entry.stack = None
+        self._to_unwind.clear()
+
+    def _cache_name(self, cache: int) -> str:
+        name = self._cache_names.get(cache)
+        if name is None:
+            name = self.guest.read_string(self.guest.read_u64(cache + self._cache_name_off), 64)
+            self._cache_names[cache] = name
+        return name
 
     def _stack_copy(self, sp: int) -> bytes:
         """Up to STACK_COPY bytes from sp, stopping at the stack's unmapped end."""
@@ -243,10 +275,11 @@ class Tracer:
             self.stats.null_returns += 1
             return
         self.stats.allocs += 1
-        self.table_add(address, entry)
-
-    def table_add(self, address: int, entry: Pending) -> None:
-        self.table.add(address, entry)
+        if entry.stack is not None:
+            self.unwind_pending()
+        self.table.add(address, entry.size, KINDS[entry.probe.kind], cache=entry.cache,
+                       comm=entry.comm, pid=entry.pid, cpu=entry.cpu, jiffies=entry.jiffies,
+                       timestamp_ns=entry.time_ns, backtrace=entry.backtrace, flags=entry.flags)
 
     def _free(self, address: int) -> None:
         if address in (0, ZERO_SIZE_PTR):
@@ -265,17 +298,17 @@ class Tracer:
             self._free(address)
 
     # -- who and when --------------------------------------------------------
-    def _who(self, cpu: int, regs: dict) -> tuple[str, int]:
+    def _who(self, cpu: int, regs: dict) -> tuple[str, int, int]:
         """kmemleak's comm and pid: the task, or hardirq/softirq with pid 0."""
         count = self._preempt(cpu, regs)
         if count & HARDIRQ_MASK:
-            return "hardirq", 0
+            return "hardirq", 0, Flags.HARDIRQ
         if count & SOFTIRQ_OFFSET:
-            return "softirq", 0
+            return "softirq", 0, Flags.SOFTIRQ
         task = self._current(cpu, regs)
         raw = self.guest.read(task + self._comm_off, 16)
         pid = int.from_bytes(self.guest.read(task + self._pid_off, 4), "little", signed=True)
-        return raw.split(b"\0", 1)[0].decode("utf-8", "replace"), pid
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace"), pid, 0
 
     def _current(self, cpu: int, regs: dict) -> int:
         task = self.arch.current_task(regs)

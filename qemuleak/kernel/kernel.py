@@ -66,6 +66,10 @@ class Kernel:
                      banner.decode("utf-8", "replace").strip(),
                      vmlinux=Path(vmlinux) if vmlinux else None)
         kernel._image = image
+        root = table.get("init_top_pgt") or table.get("swapper_pg_dir") or \
+            (info.symbol("init_top_pgt") or info.symbol("swapper_pg_dir") if info else None)
+        if root is not None:
+            guest.pin_kernel_root(root)
         return kernel
 
     # -- symbols and memory -------------------------------------------------
