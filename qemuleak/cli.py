@@ -33,6 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_target_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "trace", help="trace allocations for a while; show what is still allocated",
+        description="Put breakpoints on the guest kernel's allocation and free functions "
+                    "and keep a table of live objects; when the time is up (or on "
+                    "Ctrl-C), print the live objects grouped by call site. Every "
+                    "breakpoint is removed and the guest left running.")
+    add_target_args(p)
+    p.add_argument("--duration", type=float, default=10.0, metavar="SECONDS",
+                   help="how long to trace (default 10; 0: until Ctrl-C)")
+    p.add_argument("--top", type=int, default=10, help="call sites to show (default 10)")
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser(
+        "resume", help="let a guest run that a killed debugger left stopped",
+        description="Connect, let QEMU drop every breakpoint (it does so when a debugger "
+                    "asks for the stop reason), and resume the guest. For a guest left "
+                    "stopped by a qemuleak or gdb that was killed.")
+    p.add_argument("target", metavar="TARGET", help="HOST:PORT, :PORT or unix:PATH")
+    p.set_defaults(func=cmd_resume)
     return ap
 
 
@@ -57,6 +77,17 @@ def cmd_info(args) -> int:
                  backend=args.backend)
     print(to_json(d) if args.json else format_text(d))
     return EXIT_OK
+
+
+def cmd_trace(args) -> int:
+    from .trace_cmd import run_trace
+    return run_trace(args.target, args.duration, vmlinux=args.vmlinux,
+                     system_map=args.system_map, backend=args.backend, top=args.top)
+
+
+def cmd_resume(args) -> int:
+    from .trace_cmd import resume
+    return resume(args.target)
 
 
 def main(argv: list[str] | None = None) -> int:

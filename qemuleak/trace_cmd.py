@@ -1,0 +1,84 @@
+"""`qemuleak trace`: trace a running guest's allocations for a while and show what
+is still allocated, grouped by call site. The guest is left running, with no
+breakpoint behind, however tracing ends (time up, Ctrl-C, SIGTERM, an error)."""
+
+import sys
+import time
+from collections import Counter
+
+from .errors import QemuleakError
+from .guest import Guest
+from .kernel.kernel import Kernel
+from .kernel.modules import for_each_module, module_symbols
+from .kernel.symbols import SymbolTable
+from .objects import ObjectTable
+from .tracer import Tracer, tracing
+
+
+def run_trace(target: str, duration: float, vmlinux=None, system_map=None,
+              backend: str = "auto", top: int = 10, out=sys.stdout) -> int:
+    with Guest.connect(target, backend=backend) as guest:
+        kernel = Kernel.open(guest, vmlinux=vmlinux, system_map=system_map)
+        table = ObjectTable()
+        tracer = Tracer(kernel, table, unwinder=_unwinder(kernel))
+        deadline = time.monotonic() + duration if duration > 0 else float("inf")
+        interrupted = False
+        last = 0.0
+        print(f"qemuleak: tracing {len(tracer.probes)} allocator functions on "
+              f"{guest.arch.name} ({kernel.banner.split()[2]}); Ctrl-C to stop",
+              file=sys.stderr, flush=True)
+
+        def until() -> bool:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= 2:
+                last = now
+                s = tracer.stats
+                print(f"qemuleak: {len(table)} live objects, {s.allocs} allocs, "
+                      f"{s.frees} frees, {s.stops} stops", file=sys.stderr, flush=True)
+            return now >= deadline
+        with tracing(tracer):
+            try:
+                tracer.run(until)
+            except KeyboardInterrupt:
+                interrupted = True
+        guest.was_running = True          # resume on close: tracing ran it
+        symbols = SymbolTable.merge([kernel.symbols, *(module_symbols(kernel, m)
+                                                       for m in for_each_module(kernel))])
+        _summary(table, tracer, symbols, top, out)
+    return 130 if interrupted else 0
+
+
+def _unwinder(kernel):
+    try:
+        from .unwind import unwinder_for
+        unwinder = unwinder_for(kernel)
+    except QemuleakError:                 # no unwind tables: entry PC only
+        return None
+    sp = kernel.guest.arch.sp_reg
+    return lambda regs, stack: unwinder.unwind(regs, regs[sp], stack)
+
+
+def _summary(table: ObjectTable, tracer: Tracer, symbols: SymbolTable, top: int, out) -> None:
+    s = tracer.stats
+    elapsed = time.monotonic() - s.started
+    print(f"traced {s.allocs} allocations and {s.frees} frees in {elapsed:.1f} s "
+          f"({s.allocs / max(elapsed, 1e-9):.0f} allocs/s); {len(table)} objects still live",
+          file=out)
+    groups: Counter = Counter()
+    sizes: Counter = Counter()
+    for r in table:
+        groups[r.backtrace] += 1
+        sizes[r.backtrace] += r.size
+    for bt, count in groups.most_common(top):
+        print(f"\n{count} objects, {sizes[bt]} bytes:", file=out)
+        for pc in bt[:8]:
+            print(f"    [<{pc:016x}>] {symbols.format(pc)}", file=out)
+
+
+def resume(target: str) -> int:
+    """Reconnect to a guest a debugger left stopped (e.g. killed qemuleak): QEMU
+    drops every breakpoint when a debugger asks `?`; then let the guest run."""
+    with Guest.connect(target) as guest:
+        guest.was_running = True
+    return 0
