@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "resume", help="let a guest run that a killed debugger left stopped",
-        description="Connect, let QEMU drop every breakpoint (it does so when a debugger "
-                    "asks for the stop reason), and resume the guest. For a guest left "
-                    "stopped by a qemuleak or gdb that was killed.")
+        description="For a guest that a killed qemuleak (or gdb) left stopped: QEMU keeps "
+                    "a dead debugger's breakpoints. Make it drop them all, on every vCPU, "
+                    "and let the guest run.")
     p.add_argument("target", metavar="TARGET", help="HOST:PORT, :PORT or unix:PATH")
     p.set_defaults(func=cmd_resume)
     return ap

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .arch import Arch, arch_of_target_xml
-from .errors import GuestMemoryError, QemuleakError
+from .errors import GuestConnectionError, GuestMemoryError, QemuleakError
 from .memory import (GdbstubMem, PhysMemory, ProcMem, RamRange, SharedRam, hva_of_block,
                      parse_mtree, qemu_pid_of)
 from .pagetable import PageTables
@@ -96,12 +96,35 @@ class Guest:
             if resume if resume is not None else self.was_running:
                 if not self.rsp.running:
                     self.rsp.remove_all_breakpoints()
-                    self.rsp.cont()
+                    self._resume_for_good()
         finally:
             if self.mem is not None:
                 self.mem.close()
             self.rsp.close()
             self.rsp = None
+
+    def _resume_for_good(self, settle: float = 0.5, tries: int = 64) -> None:
+        """Continue until the guest stays running for `settle` seconds.
+
+        A stop now is not ours (we hold no breakpoint): a vCPU that hit one of our
+        breakpoints as another stopped the guest reports it when resumed, and a
+        debugger that was killed leaves its breakpoints in QEMU (QEMU 7.2 keeps
+        them across connections). Either way the breakpoint under the stopped PC,
+        if any, is removed and the guest continued: leaving it stopped would leave
+        it with no debugger to resume it."""
+        pc_reg = next((r for r in self.layout if r.name == self.arch.pc_reg), None)
+        for _ in range(tries):
+            self.rsp.cont()
+            try:
+                stop = self.rsp.wait_stop(timeout=settle)
+            except GuestConnectionError:
+                if self.rsp._dead is not None:
+                    raise
+                return                  # still running after `settle`: done
+            if pc_reg is not None and stop.thread:
+                pc = int.from_bytes(self.rsp.read_register(pc_reg.regnum, stop.thread), "little")
+                self.rsp.remove_stray_breakpoint(pc, self.arch.breakpoint_kind)
+        self.rsp.cont()
 
     def __enter__(self) -> "Guest":
         return self

@@ -238,8 +238,8 @@ class VM:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def qmp(self, command: str, timeout: float = 5.0) -> None:
-        """Send one QMP command (after the capabilities handshake)."""
+    def qmp(self, command: str, timeout: float = 5.0) -> dict:
+        """Send one QMP command (after the capabilities handshake); its reply."""
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(timeout)
             s.connect(str(self.qmp_path))
@@ -252,6 +252,7 @@ class VM:
                     reply = json.loads(f.readline() or b"{}")
                     if "return" in reply or "error" in reply or not reply:
                         break
+            return reply
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop QEMU: monitor quit, then SIGTERM, then SIGKILL; remove our files."""

@@ -946,6 +946,26 @@ class RSPClient:
         self._expect_ok(b"z0,%x,%x" % (addr, kind))
         self._breakpoints.discard((addr, kind))
 
+    def drop_stub_breakpoints(self) -> None:
+        """Make QEMU forget every breakpoint, ours or a dead debugger's.
+
+        QEMU 7.2 answers `?` by removing the breakpoints of the vCPU that `Hc`
+        selected, and only of that one: so select each vCPU in turn and ask."""
+        for tid in self.threads():
+            self._expect_ok(b"Hc" + tid.encode("ascii"))
+            self._note_stop(StopReply.parse(self._transact(b"?", expect_stop=True)))
+        self._breakpoints.clear()
+
+    def remove_stray_breakpoint(self, addr: int, kind: int = 1) -> bool:
+        """Remove a breakpoint that may or may not be there (one a dead debugger
+        left); False if the stub had none at `addr`."""
+        try:
+            self._expect_ok(b"z0,%x,%x" % (addr, kind))
+        except ProtocolError:
+            return False
+        self._breakpoints.discard((addr, kind))
+        return True
+
     def remove_all_breakpoints(self) -> None:
         """Remove every breakpoint we inserted; raises the first failure at the end."""
         first: Exception | None = None

@@ -20,7 +20,7 @@ def run_trace(target: str, duration: float, vmlinux=None, system_map=None,
     with Guest.connect(target, backend=backend) as guest:
         kernel = Kernel.open(guest, vmlinux=vmlinux, system_map=system_map)
         table = ObjectTable()
-        tracer = Tracer(kernel, table, unwinder=_unwinder(kernel))
+        tracer = Tracer(kernel, table, **unwinding(kernel))
         deadline = time.monotonic() + duration if duration > 0 else float("inf")
         interrupted = False
         last = 0.0
@@ -49,14 +49,18 @@ def run_trace(target: str, duration: float, vmlinux=None, system_map=None,
     return 130 if interrupted else 0
 
 
-def _unwinder(kernel):
+def unwinding(kernel) -> dict:
+    """Tracer arguments that give allocations full backtraces: the unwinder, and
+    a hook that teaches it each module as it loads. Empty when the kernel has no
+    unwind tables we read (the backtrace is then the allocator's entry only)."""
     try:
         from .unwind import unwinder_for
         unwinder = unwinder_for(kernel)
-    except QemuleakError:                 # no unwind tables: entry PC only
-        return None
+    except QemuleakError:
+        return {}
     sp = kernel.guest.arch.sp_reg
-    return lambda regs, stack: unwinder.unwind(regs, regs[sp], stack)
+    return {"unwinder": lambda regs, stack: unwinder.unwind(regs, regs[sp], stack, at_entry=True),
+            "on_module_load": lambda: unwinder.refresh_modules(kernel)}
 
 
 def _summary(table: ObjectTable, tracer: Tracer, symbols: SymbolTable, top: int, out) -> None:
@@ -77,8 +81,9 @@ def _summary(table: ObjectTable, tracer: Tracer, symbols: SymbolTable, top: int,
 
 
 def resume(target: str) -> int:
-    """Reconnect to a guest a debugger left stopped (e.g. killed qemuleak): QEMU
-    drops every breakpoint when a debugger asks `?`; then let the guest run."""
+    """Let run a guest that a killed debugger left stopped: QEMU keeps a dead
+    debugger's breakpoints, so drop them all first."""
     with Guest.connect(target) as guest:
+        guest.rsp.drop_stub_breakpoints()
         guest.was_running = True
     return 0

@@ -65,6 +65,9 @@ PROBES = (
     Probe("kmem_cache_free", "free", ptr_arg=1),
     Probe("vfree", "free", ptr_arg=0),
     Probe("kmem_cache_free_bulk", "free_bulk", count_arg=1, ptr_arg=2),
+    # A module's code is in place and its init is about to run: what unwinds
+    # and names its frames must learn about it now.
+    Probe("do_init_module", "module"),
 )
 
 
@@ -100,9 +103,11 @@ class Stats:
 class Tracer:
     """Breakpoints on the guest kernel's allocator, feeding an object table."""
 
-    def __init__(self, kernel, table, probes=PROBES, unwinder=None):
+    def __init__(self, kernel, table, probes=PROBES, unwinder=None, on_module_load=None):
         """`unwinder(regs, stack) -> return addresses` turns an entry stop's saved
-        registers and stack copy into a backtrace (default: the entry PC only)."""
+        registers and stack copy into a backtrace (default: the entry PC only);
+        `on_module_load()` runs, with the guest stopped, when a module is loaded."""
+        self.on_module_load = on_module_load or (lambda: None)
         self.kernel = kernel
         self.guest = kernel.guest
         self.rsp = kernel.guest.rsp
@@ -188,8 +193,11 @@ class Tracer:
                 self._enter_alloc(probe, cpu, regs, pc)
             elif probe.role == "free":
                 self._free(regs[self.arch.arg_regs[probe.ptr_arg]])
-            else:
+            elif probe.role == "free_bulk":
                 self._free_bulk(probe, regs)
+            else:
+                self.unwind_pending()
+                self.on_module_load()
             self._write_pc(stop.thread, pc + self._nop_length)
         elif pc in self.return_sites:
             self._return(cpu, regs, pc, stop.thread)

@@ -1,0 +1,148 @@
+"""The tracer on real guests: every allocation leaky makes is recorded with its
+address, size, comm, pid and caller; frees remove entries; whatever way tracing
+ends, the guest runs on with no breakpoint left."""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qemuleak.guest import Guest
+from qemuleak.kernel.kernel import Kernel
+from qemuleak.kernel.modules import for_each_module, module_symbols
+from qemuleak.kernel.symbols import SymbolTable
+from qemuleak.objects import Kind, ObjectTable
+from qemuleak.trace_cmd import unwinding
+from qemuleak.tracer import Tracer, tracing
+from tests.groundtruth import LEAKY_SIZES, parse_objects
+
+pytestmark = pytest.mark.guest
+
+KINDS = {"cache_leak": Kind.CACHE, "vmalloc_leak": Kind.VMALLOC}
+# The functions of leaky.c in each object's backtrace, innermost first, and who runs them.
+CALLERS = {"kmalloc_leak": ("alloc_named", "make_leaks", "leaky_init"),
+           "cache_leak": ("make_leaks", "leaky_init"),
+           "vmalloc_leak": ("make_leaks", "leaky_init"),
+           "list_head": ("make_leaks", "leaky_init"),
+           "backtrace_leak": ("backtrace_alloc", "make_leaks", "leaky_init"),
+           "bss_kept": ("alloc_named", "make_kept", "leaky_init"),
+           "percpu_kept": ("alloc_named", "make_kept", "leaky_init"),
+           "interior_kept": ("alloc_named", "make_kept", "leaky_init"),
+           "stack_kept": ("alloc_named", "sleeper_fn"),
+           "register_kept": ("alloc_named", "spinner_fn")}
+COMMS = {"stack_kept": "leaky_sleeper", "register_kept": "leaky_spinner"}
+
+
+def trace_until(vm, guest, kernel, table, marker: str, timeout: float = 120) -> Tracer:
+    tracer = Tracer(kernel, table, **unwinding(kernel))
+    start = time.monotonic()
+    with tracing(tracer):
+        tracer.run(lambda: marker in vm.console_text()[vm_mark(vm):]
+                   or time.monotonic() - start > timeout)
+    assert marker in vm.console_text(), f"guest never printed {marker!r}"
+    return tracer
+
+
+def vm_mark(vm) -> int:
+    return getattr(vm, "_trace_mark", 0)
+
+
+def guest_alive(vm, tag: str) -> None:
+    """The guest runs and allocates: a command that makes the kernel allocate."""
+    vm.send_line(f"cat /proc/slabinfo > /dev/null; ls /sys/kernel/slab > /dev/null; echo {tag}-$((2+3))")
+    vm.wait_for_line(f"{tag}-5", timeout=30)
+
+
+def test_leaky_allocations_and_frees(boot, guest_image, arch):
+    vm = boot()
+    with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
+        kernel = Kernel.open(guest, system_map=guest_image.system_map)
+        table = ObjectTable()
+        vm.send_line("insmod /modules/leaky.ko")
+        tracer = trace_until(vm, guest, kernel, table, "leaky: ready")
+        console = vm.console_text()
+        objs = parse_objects(console)
+        insmod_pid = int(re.search(r"PID: (\d+) Comm: insmod", console).group(1))
+        [leaky] = for_each_module(kernel)
+        symbols = SymbolTable.merge([kernel.symbols, module_symbols(kernel, leaky)])
+        for name, size in LEAKY_SIZES.items():
+            r = table.get(objs[name].address)
+            assert r is not None, f"{name} at {objs[name].address:#x} not traced"
+            assert (r.size, r.kind) == (size, KINDS.get(name, Kind.KMALLOC)), name
+            assert r.comm == COMMS.get(name, "insmod"), name
+            if r.comm == "insmod":
+                assert r.pid == insmod_pid, name
+            frames = [symbols.format(pc) for pc in r.backtrace]
+            assert frames[0].split("+")[0] in {p.name for p in tracer.probes.values()}
+            leaky_frames = [f.split("+")[0] for f in frames if f.endswith(" [leaky]")]
+            assert leaky_frames, (name, frames)
+            if name in CALLERS:       # alloc_named is static: the compiler may inline it
+                assert [f for f in leaky_frames if f != "alloc_named"] == \
+                    [f for f in CALLERS[name] if f != "alloc_named"], (name, frames)
+            if r.comm == "insmod":                  # then the module loader, as in dump_stack
+                assert any(f.startswith("do_init_module+") for f in frames), (name, frames)
+        assert tracer.stats.allocs >= len(LEAKY_SIZES)
+        assert not guest.rsp.breakpoints
+
+        # Module exit frees all but exit_leak, which rmmod allocates. A freed
+        # object's memory may hold a new object by then: not the same record.
+        seqs = {name: table.get(objs[name].address).seq for name in LEAKY_SIZES}
+        vm._trace_mark = len(vm.console_text())
+        vm.send_line("rmmod leaky")
+        trace_until(vm, guest, kernel, table, "leaky: exit")
+        objs = parse_objects(vm.console_text())
+        for name in LEAKY_SIZES:
+            r = table.get(objs[name].address)
+            assert r is None or r.seq != seqs[name], f"{name} not freed in the table"
+        exit_leak = table.get(objs["exit_leak"].address)
+        assert exit_leak is not None and (exit_leak.size, exit_leak.comm) == (64, "rmmod")
+    guest_alive(vm, "after-trace")
+
+
+def test_interrupted_tracing_leaves_the_guest_running(boot, guest_image):
+    """Ctrl-C (SIGINT) and SIGTERM to `qemuleak trace`: breakpoints out, guest on."""
+    vm = boot(modules=())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        p = subprocess.Popen([sys.executable, "-m", "qemuleak.cli", "trace", vm.gdb_target,
+                              "--system-map", str(guest_image.system_map), "--duration", "0"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        err = ""
+        while "tracing" not in err and time.monotonic() < deadline:
+            err += p.stderr.readline()
+        vm.send_line("ls /proc > /dev/null")     # some allocations while traced
+        time.sleep(2)
+        p.send_signal(sig)
+        out, rest = p.communicate(timeout=60)
+        assert p.returncode == 130, rest
+        assert "Traceback" not in rest
+        assert "allocations" in out
+        guest_alive(vm, f"after-{sig.name}")
+
+
+def test_sigkill_leaves_the_guest_stopped_and_resume_recovers(boot, guest_image):
+    """What QEMU does when the tracer dies: the guest stays stopped and QEMU keeps
+    its breakpoints (on every vCPU but the one a reconnecting debugger's `?`
+    clears); `qemuleak resume` drops them all and lets it run."""
+    vm = boot(modules=())
+    p = subprocess.Popen([sys.executable, "-m", "qemuleak.cli", "trace", vm.gdb_target,
+                          "--system-map", str(guest_image.system_map), "--duration", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = ""
+    while "tracing" not in err:
+        err += p.stderr.readline()
+    vm.send_line("ls /proc > /dev/null")
+    time.sleep(2)
+    p.kill()
+    p.wait()
+    time.sleep(1)
+    # (Typing to a stopped guest would overflow its UART: ask QEMU instead.)
+    assert vm.qmp("query-status")["return"]["running"] is False
+    r = subprocess.run([sys.executable, "-m", "qemuleak.cli", "resume", vm.gdb_target],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert vm.qmp("query-status")["return"]["running"] is True
+    guest_alive(vm, "resumed")
