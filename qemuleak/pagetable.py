@@ -29,10 +29,12 @@ class PagingFormat:
     kernel_first_index: int = 256
     # the tables map only the upper (kernel) half: arm64 TTBR1
     kernel_only: bool = False
+    # virtual address bits, when the top level is not a full 9-bit one (arm64 T1SZ)
+    bits: int | None = None
 
     @property
     def va_bits(self) -> int:
-        return self.shifts[0] + 9
+        return self.bits or self.shifts[0] + 9
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class PageTables:
 
         `start` and `end` lie in the same half of the address space."""
         out: list[Mapping] = []
+        if start >= end:
+            return out
         high = start & ~((1 << self.fmt.va_bits) - 1)   # the sign-extension bits
         self._walk(self.root, 0, high, start, end, out)
         return out

@@ -23,7 +23,8 @@ def _decode(entries: np.ndarray, shift: int):
 def _format(va_bits: int) -> PagingFormat:
     levels = (va_bits - 12 + 8) // 9                  # 39 bits: 3 levels, 48: 4
     shifts = tuple(12 + 9 * i for i in reversed(range(levels)))
-    return PagingFormat(shifts=shifts, decode=_decode, kernel_first_index=0, kernel_only=True)
+    return PagingFormat(shifts=shifts, decode=_decode, kernel_first_index=0, kernel_only=True,
+                        bits=va_bits)
 
 
 class Arm64(Arch):

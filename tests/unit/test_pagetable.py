@@ -423,10 +423,6 @@ def test_x86_mappings_cut_through_4k_pages():
     assert pt.mappings(va, va) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mappings(start, start) with start inside a mapped page returns a zero-size "
-    "Mapping instead of []: `last` rounds (end - base) up, so the page holding "
-    "start is visited and clipped to lo == hi"))
 def test_x86_mappings_empty_range_inside_a_page():
     b = Builder(X4)
     va = 0xFFFF888000000000
@@ -437,9 +433,6 @@ def test_x86_mappings_empty_range_inside_a_page():
     assert pt.mappings(va + 2 * MiB + PAGE, va + 2 * MiB + PAGE) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mappings(start, end) with end < start in the same page returns a Mapping of "
-    "negative size (end - start) instead of []"))
 def test_x86_mappings_inverted_range_inside_a_page():
     b = Builder(X4)
     va = 0xFFFF888000000000
@@ -688,10 +681,6 @@ def test_arm64_mappings_skip_tables_outside_ram():
     assert pt.kernel_top_entries() == [0, 1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "arm64 _format() rounds the VA size up to whole 9-bit levels; with T1SZ=22 "
-    "(42-bit VA) the walker indexes the level-0 table with VA bits 47:39 (sign "
-    "bits included) instead of bits 41:39"))
 def test_arm64_42bit_va_indexes_level0_with_bits_41_39():
     ram = FakeRAM()
     l0, l1, l2, l3 = 0x4000_0000, 0x4000_1000, 0x4000_2000, 0x4000_3000
@@ -749,7 +738,7 @@ def page_sets(draw, kind: str):
                         st.integers(span_lo, span_hi - 1)))
     hi = draw(st.one_of(st.just(span_hi), st.sampled_from(vas).map(lambda v: v + 0x1800),
                         st.integers(lo, span_hi)))
-    return pages, lo, max(lo + 1, hi)       # empty ranges: see the xfail tests above
+    return pages, lo, max(lo + 1, hi)
 
 
 def expected_mappings(pages: dict[int, int], lo: int, hi: int) -> list[Mapping]:
