@@ -10,7 +10,7 @@ SUDO=""
 
 PKGS=(qemu-system-x86 qemu-system-arm cpio make gcc gcc-12
       gcc-aarch64-linux-gnu gcc-12-aarch64-linux-gnu libc6-dev-arm64-cross
-      bc flex bison libelf-dev libssl-dev dpkg-dev xz-utils python3-venv)
+      bc flex bison libelf-dev libssl-dev dpkg-dev xz-utils python3-venv gdb)
 
 missing=()
 for p in "${PKGS[@]}"; do

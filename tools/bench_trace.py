@@ -1,17 +1,16 @@
 #!/usr/bin/env python3
 """Tracer throughput, side by side in one run: qemuleak's tracer and a gdb Python
 breakpoint tracer (tools/gdb_tracer.py) on the same breakpoints, same guest image,
-same workload (allocstorm count=N on an x86_64 TCG guest, 2 vCPUs).
+same workload (allocstorm running without end on an x86_64 TCG guest, 2 vCPUs).
 
-    .venv/bin/python tools/bench_trace.py [--count 600]
+    .venv/bin/python tools/bench_trace.py [--seconds 40]
 
-For each: traced allocations per second, and guest slowdown (allocstorm's own
-run time traced / untraced).
+For each: allocations traced per second over the window.
 """
 
 import argparse
 import os
-import re
+import signal
 import sys
 import tempfile
 import time
@@ -30,40 +29,28 @@ from qemuleak.objects import ObjectTable  # noqa: E402
 from qemuleak.trace_cmd import unwinding  # noqa: E402
 from qemuleak.tracer import Tracer, tracing  # noqa: E402
 
-DONE = re.compile(r"allocstorm: done count=(\d+) kmalloc=(\d+) cache=(\d+) vmalloc=(\d+) ns=(\d+)")
 FREE_ARG = {"kfree": "rdi", "vfree": "rdi", "kmem_cache_free": "rsi"}
 
 
-def storm(vm: VM, count: int, timeout: float = 900):
-    """Load allocstorm; the match of its done line (after waiting for it)."""
-    vm.send_line(f"insmod /modules/allocstorm.ko count={count}")
+def start_storm(vm: VM) -> None:
+    vm.send_line("insmod /modules/allocstorm.ko count=1000000000")
     vm.wait_for_line("allocstorm: started", timeout=60)
-    return vm.wait_for_line(DONE, timeout=timeout)
 
 
-def unload(vm: VM) -> None:
-    vm.send_line("rmmod allocstorm; echo unloaded-$((1+1))")
-    vm.wait_for_line("unloaded-2", timeout=120)
-
-
-def run_qemuleak(vm: VM, image, count: int) -> tuple[float, int, int]:
-    """(seconds, allocations traced, allocstorm ns)."""
+def run_qemuleak(vm: VM, image, seconds: float) -> tuple[float, int]:
+    """(seconds traced, allocations traced)."""
     with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
         kernel = Kernel.open(guest, system_map=image.system_map)
         tracer = Tracer(kernel, ObjectTable(), **unwinding(kernel))
-        mark = len(vm.console_text())
-        vm.send_line(f"insmod /modules/allocstorm.ko count={count}")
         start = time.monotonic()
         with tracing(tracer):
-            tracer.run(lambda: DONE.search(vm.console_text(), mark) is not None)
+            tracer.run(lambda: time.monotonic() - start >= seconds)
         elapsed = time.monotonic() - start
         guest.was_running = True
-    m = DONE.search(vm.console_text(), mark)
-    vm._cursor = len(vm.console_text())
-    return elapsed, tracer.stats.allocs, int(m.group(5))
+    return elapsed, tracer.stats.allocs
 
 
-def run_gdb(vm: VM, image, count: int) -> tuple[float, int, int]:
+def run_gdb(vm: VM, image, seconds: float) -> tuple[float, int]:
     with Guest.connect(vm.gdb_target) as guest:
         kernel = Kernel.open(guest, system_map=image.system_map)
         probes = []
@@ -86,50 +73,43 @@ def run_gdb(vm: VM, image, count: int) -> tuple[float, int, int]:
         gdb.write("-gdb-set pagination off", timeout_sec=5)
         gdb.write(f"-target-select remote {host}:{port}", timeout_sec=30)
         gdb.write(f"source {Path(__file__).with_name('gdb_tracer.py')}", timeout_sec=30)
-        mark = len(vm.console_text())
-        vm.send_line(f"insmod /modules/allocstorm.ko count={count}")
         start = time.monotonic()
         gdb.write("-exec-continue", timeout_sec=1, raise_error_on_timeout=False)
-        while DONE.search(vm.console_text(), mark) is None:
-            time.sleep(0.1)
-            gdb.get_gdb_response(timeout_sec=0.1, raise_error_on_timeout=False)
+        while time.monotonic() - start < seconds:
+            gdb.get_gdb_response(timeout_sec=0.5, raise_error_on_timeout=False)
         elapsed = time.monotonic() - start
-        gdb.interrupt_gdb()
-        gdb.get_gdb_response(timeout_sec=5, raise_error_on_timeout=False)
-        out = gdb.write("python print('COUNTS', COUNTS['allocs'])", timeout_sec=10)
+        gdb.gdb_process.send_signal(signal.SIGINT)     # as Ctrl-C would
+        gdb.get_gdb_response(timeout_sec=10, raise_error_on_timeout=False)
+        out = gdb.write("python print('COUNTS', COUNTS['allocs'])", timeout_sec=30)
         allocs = next(int(r["payload"].split()[1]) for r in out
                       if r.get("type") == "console" and "COUNTS" in (r.get("payload") or ""))
-        gdb.write("delete", timeout_sec=10)
-        gdb.write("detach", timeout_sec=10)
+        gdb.write("delete", timeout_sec=30)
+        gdb.write("detach", timeout_sec=30)
     finally:
         gdb.exit()
-    m = DONE.search(vm.console_text(), mark)
-    return elapsed, allocs, int(m.group(5))
+    return elapsed, allocs
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--count", type=int, default=600, help="allocstorm iterations per run")
+    ap.add_argument("--seconds", type=float, default=40.0, help="tracing window per tracer")
     args = ap.parse_args()
     image = find_image("x86_64")
+    print(f"x86_64 TCG guest, 2 vCPUs, allocstorm running; {args.seconds:.0f} s per tracer",
+          flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         initrd = initramfs.compose(image.base_initramfs, Path(tmp) / "initrd.gz",
                                    initramfs.module_files([image.module("allocstorm")]))
         with VM(VMConfig(kernel=image.kernel, initrd=initrd, smp=2, gdb="tcp")) as vm:
             vm.wait_for_line(initramfs.READY_MARKER, timeout=120)
-            base_ns = int(storm(vm, args.count).group(5))
-            unload(vm)
+            start_storm(vm)
             results = {}
             for name, fn in (("qemuleak", run_qemuleak), ("gdb python", run_gdb)):
-                results[name] = fn(vm, image, args.count)
-                unload(vm)
-    print(f"x86_64 TCG guest, 2 vCPUs, allocstorm count={args.count} "
-          f"(untraced: {base_ns / 1e6:.2f} ms)")
-    for name, (elapsed, allocs, ns) in results.items():
-        print(f"  {name:11} {allocs:6} allocations traced in {elapsed:6.1f} s: "
-              f"{allocs / elapsed:6.1f} allocs/s, guest slowdown {ns / base_ns:8.0f}x")
-    q, g = results["qemuleak"], results["gdb python"]
-    print(f"  qemuleak / gdb: {(q[1] / q[0]) / (g[1] / g[0]):.2f}x the traced allocations per second")
+                elapsed, allocs = results[name] = fn(vm, image, args.seconds)
+                print(f"  {name:11} {allocs:6} allocations traced in {elapsed:5.1f} s: "
+                      f"{allocs / elapsed:7.1f} allocs/s", flush=True)
+    (qe, qa), (ge, ga) = results["qemuleak"], results["gdb python"]
+    print(f"  qemuleak / gdb: {(qa / qe) / max(ga / ge, 1e-9):.1f}x the traced allocations per second")
     return 0
 
 
