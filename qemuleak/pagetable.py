@@ -54,10 +54,15 @@ class PageTables:
         self.root = root
         self.fmt = fmt
         self._tables: dict[int, np.ndarray] = {}
+        # Leaves walked so far, by (shift, va >> shift): the direct map's 1 GiB and
+        # 2 MiB pages make most later translations one dictionary lookup.
+        self._leaves: dict[tuple[int, int], int] = {}
+        self._leaf_shifts = tuple(sorted({sh for sh in fmt.shifts if sh <= 30}, reverse=True))
 
     def invalidate(self) -> None:
-        """Forget the table pages read so far (the guest has run since)."""
+        """Forget the table pages and translations so far (the guest has run since)."""
         self._tables.clear()
+        self._leaves.clear()
 
     def _table(self, pa: int) -> np.ndarray:
         t = self._tables.get(pa)
@@ -79,12 +84,17 @@ class PageTables:
         if not ok:
             raise GuestMemoryError(f"virtual address {va:#x} is not mapped (outside the "
                                    f"{'kernel' if self.fmt.kernel_only else 'canonical'} range)")
+        for shift in self._leaf_shifts:
+            base = self._leaves.get((shift, va >> shift))
+            if base is not None:
+                return base | (va & ((1 << shift) - 1))
         table = self.root
         for shift in self.fmt.shifts:
             idx = (self._index_bits(va) >> shift) & 0x1FF
             entry = self._table(table)[idx:idx + 1]
             is_table, is_leaf, addr = self.fmt.decode(entry, shift)
             if is_leaf[0]:
+                self._leaves[(shift, va >> shift)] = int(addr[0])
                 return int(addr[0]) | (va & ((1 << shift) - 1))
             if not is_table[0]:
                 break

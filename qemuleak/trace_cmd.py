@@ -42,6 +42,7 @@ def run_trace(target: str, duration: float, vmlinux=None, system_map=None,
                 tracer.run(until)
             except KeyboardInterrupt:
                 interrupted = True
+        interrupted = interrupted or tracer.interrupted
         guest.was_running = True          # resume on close: tracing ran it
         symbols = SymbolTable.merge([kernel.symbols, *(module_symbols(kernel, m)
                                                        for m in for_each_module(kernel))])

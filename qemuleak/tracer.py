@@ -108,6 +108,7 @@ class Tracer:
         registers and stack copy into a backtrace (default: the entry PC only);
         `on_module_load()` runs, with the guest stopped, when a module is loaded."""
         self.on_module_load = on_module_load or (lambda: None)
+        self.interrupted = False      # set by Ctrl-C / SIGTERM under `tracing`
         self.kernel = kernel
         self.guest = kernel.guest
         self.rsp = kernel.guest.rsp
@@ -165,10 +166,10 @@ class Tracer:
 
     # -- the loop ----------------------------------------------------------
     def run(self, until, poll: float = 0.2) -> None:
-        """Trace until `until()` is true (checked at least every `poll` seconds).
-        The guest is stopped when this returns."""
+        """Trace until `until()` is true or `interrupted` is set (checked at least
+        every `poll` seconds). The guest is stopped when this returns."""
         rsp = self.rsp
-        while not until():
+        while not self.interrupted and not until():
             if not rsp.running:
                 self.guest.resume()
                 self.unwind_pending()             # while the guest runs
@@ -353,15 +354,22 @@ class Tracer:
 @contextmanager
 def tracing(tracer: Tracer):
     """Insert the breakpoints for the block; on any exit (normal, exception,
-    Ctrl-C, SIGTERM) remove them all and leave the guest as it was found."""
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-    old = signal.signal(signal.SIGTERM, on_term)
+    Ctrl-C, SIGTERM) remove them all and leave the guest as it was found.
+
+    Ctrl-C and SIGTERM only set `tracer.interrupted`: `run` returns at its next
+    check, between two packets, so the connection is never cut mid-exchange. A
+    second one raises KeyboardInterrupt at once."""
+    def on_signal(signum, frame):
+        if tracer.interrupted:
+            raise KeyboardInterrupt
+        tracer.interrupted = True
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     tracer.start()
     try:
         yield tracer
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         try:
             tracer.stop()
         except QemuleakError:

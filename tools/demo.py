@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""`make demo`: boot the default x86_64 test guest, load leaky, and show what it
-allocated, as the module announced it on the guest's console.
+"""`make demo`: boot the default x86_64 test guest, trace the kernel's allocations
+from outside while the leaky module loads, and show each object leaky announced
+with what the tracer recorded for it: size, comm, pid and backtrace.
 
-This grows into a real leak report as the tracer and scanner land.
+This grows into a real leak report as the scanner lands.
 """
 
 import sys
@@ -14,8 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qemuleak import initramfs  # noqa: E402
 from qemuleak.errors import QemuleakError  # noqa: E402
+from qemuleak.guest import Guest  # noqa: E402
 from qemuleak.images import find_image  # noqa: E402
+from qemuleak.kernel.kernel import Kernel  # noqa: E402
+from qemuleak.kernel.modules import for_each_module, module_symbols  # noqa: E402
+from qemuleak.kernel.symbols import SymbolTable  # noqa: E402
 from qemuleak.launch import VM, VMConfig  # noqa: E402
+from qemuleak.objects import ObjectTable  # noqa: E402
+from qemuleak.trace_cmd import unwinding  # noqa: E402
+from qemuleak.tracer import Tracer, tracing  # noqa: E402
 from tests.groundtruth import LEAKY_LEAKS, parse_objects  # noqa: E402
 
 
@@ -29,17 +37,35 @@ def main() -> int:
             t0 = time.monotonic()
             with VM(VMConfig(kernel=image.kernel, initrd=initrd, smp=2)) as vm:
                 vm.wait_for_line(initramfs.READY_MARKER, timeout=120)
-                print(f"demo: guest ready in {time.monotonic() - t0:.1f} s, "
-                      f"gdbstub at {vm.gdb_target}; insmod leaky.ko")
-                vm.send_line("insmod /modules/leaky.ko")
-                vm.wait_for_line("leaky: ready", timeout=60)
+                print(f"demo: guest ready in {time.monotonic() - t0:.1f} s; attaching to its "
+                      f"gdbstub and tracing while `insmod leaky.ko` runs")
+                with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
+                    kernel = Kernel.open(guest, system_map=image.system_map)
+                    table = ObjectTable()
+                    tracer = Tracer(kernel, table, **unwinding(kernel))
+                    vm.send_line("insmod /modules/leaky.ko")
+                    start = time.monotonic()
+                    with tracing(tracer):
+                        tracer.run(lambda: "leaky: ready" in vm.console_text()
+                                   or time.monotonic() - start > 120)
+                    symbols = SymbolTable.merge([kernel.symbols, *(module_symbols(kernel, m)
+                                                                   for m in for_each_module(kernel))])
                 objs = parse_objects(vm.console_text())
-        print(f"\nleaky allocated {len(objs)} objects "
-              "(leak reports arrive with the scanner; this is the ground truth):")
-        print(f"  {'name':<16}{'address':<20}{'size':>6}  expected")
+        s = tracer.stats
+        print(f"demo: traced {s.allocs} allocations, {s.frees} frees in "
+              f"{time.monotonic() - start:.1f} s ({s.stops} breakpoint stops)\n")
         for o in objs.values():
-            kind = "leak" if o.name in LEAKY_LEAKS else "referenced"
-            print(f"  {o.name:<16}0x{o.address:016x}  {o.size:>6}  {kind}")
+            r = table.get(o.address)
+            expect = "leak" if o.name in LEAKY_LEAKS else "referenced"
+            print(f"{o.name} (expected: {expect}) at 0x{o.address:016x}, {o.size} bytes:")
+            if r is None:
+                print("    not traced")
+                continue
+            print(f"    comm \"{r.comm}\", pid {r.pid}, cpu {r.cpu}, jiffies {r.jiffies}")
+            for pc in r.backtrace[:6]:
+                print(f"    [<{pc:016x}>] {symbols.format(pc)}")
+        print("\n(leak reports arrive with the scanner: for now, the tracer's record of "
+              "every object, the ground truth next to it)")
         return 0
     except QemuleakError as e:
         print(f"demo: error: {e}", file=sys.stderr)

@@ -86,7 +86,7 @@ def _search_modules_head(kernel) -> int | None:
             where = m.va + 8 * np.arange(len(words), dtype=np.uint64)
             for i in np.flatnonzero(words == where - np.uint64(self_off)).tolist():
                 mod = m.va + 8 * i - self_off
-                if _name_ok(kernel, mod):
+                if _name_ok(kernel, mod) and _linked(kernel, mod + list_off):
                     return _walk_to_head(kernel, mod + list_off, list_off, self_off)
     return None
 
@@ -97,6 +97,15 @@ def _name_ok(kernel, mod: int) -> bool:
     name = raw.split(b"\0", 1)[0]
     return bool(name) and all(c == 0x5F or c == 0x2D or 0x30 <= c <= 0x39 or 0x41 <= c <= 0x5A
                               or 0x61 <= c <= 0x7A for c in name)
+
+
+def _linked(kernel, node: int) -> bool:
+    """Is `node` a list_head on a consistent doubly linked list?"""
+    try:
+        nxt, prev = kernel.read_u64(node), kernel.read_u64(node + 8)
+        return kernel.read_u64(nxt + 8) == node and kernel.read_u64(prev) == node
+    except QemuleakError:
+        return False
 
 
 def _walk_to_head(kernel, node: int, list_off: int, self_off: int, limit: int = 4096) -> int | None:
