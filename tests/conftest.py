@@ -93,3 +93,12 @@ def boot(guest_image, tmp_path):
         vm.shutdown()
         assert vm.proc is None or process_gone(vm.pid, workdir), \
             f"QEMU pid {vm.pid} still running after shutdown"
+
+
+@pytest.fixture
+def leaky_vm(boot):
+    """A booted guest (2 vCPUs) with the leaky module loaded."""
+    vm = boot(smp=2)
+    vm.send_line("insmod /modules/leaky.ko")
+    vm.wait_for_line("leaky: ready", timeout=60)
+    return vm

@@ -12,14 +12,6 @@ from tests.guest.helpers import qemu_virtual_read
 pytestmark = pytest.mark.guest
 
 
-@pytest.fixture
-def leaky_vm(boot):
-    vm = boot(smp=2)
-    vm.send_line("insmod /modules/leaky.ko")
-    vm.wait_for_line("leaky: ready", timeout=60)
-    return vm
-
-
 def test_backends_agree_on_virtual_reads(leaky_vm, arch):
     objs = parse_objects(leaky_vm.console_text())
     with Guest.connect(leaky_vm.gdb_target) as g:

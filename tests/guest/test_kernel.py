@@ -14,14 +14,6 @@ from tests.guest.helpers import qemu_virtual_read
 pytestmark = pytest.mark.guest
 
 
-@pytest.fixture
-def leaky_vm(boot):
-    vm = boot(smp=2)
-    vm.send_line("insmod /modules/leaky.ko")
-    vm.wait_for_line("leaky: ready", timeout=60)
-    return vm
-
-
 def test_drgn_unwinds_the_sleeper_over_our_transport(leaky_vm, guest_image):
     with Guest.connect(leaky_vm.gdb_target, ram_path=leaky_vm.ram_fd_path()) as g:
         kernel = Kernel.open(g, vmlinux=guest_image.vmlinux)

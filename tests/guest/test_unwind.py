@@ -107,14 +107,6 @@ def drgn_trace_of_vcpu(prog, arch: str, regs: dict, blind=()) -> list[int]:
 
 # -- blocked tasks ------------------------------------------------------------------
 
-@pytest.fixture
-def leaky_vm(boot):
-    vm = boot(smp=2)
-    vm.send_line("insmod /modules/leaky.ko")
-    vm.wait_for_line("leaky: ready", timeout=60)
-    return vm
-
-
 def test_blocked_tasks_unwind_like_drgn(leaky_vm, guest_image, arch):
     from drgn.helpers.linux.pid import for_each_task
     with Guest.connect(leaky_vm.gdb_target, ram_path=leaky_vm.ram_fd_path()) as g:
