@@ -118,7 +118,7 @@ class Guest:
             try:
                 stop = self.rsp.wait_stop(timeout=settle)
             except GuestConnectionError:
-                if self.rsp._dead is not None:
+                if not self.rsp.usable:
                     raise
                 return                  # still running after `settle`: done
             if pc_reg is not None and stop.thread:

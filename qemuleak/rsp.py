@@ -409,6 +409,11 @@ class RSPClient:
         return f"<RSPClient {self.target} {state}>"
 
     @property
+    def usable(self) -> bool:
+        """False once the guest or the connection is gone (every call then raises)."""
+        return self._dead is None
+
+    @property
     def running(self) -> bool:
         """True between `cont()` and the stop reply."""
         return self._running

@@ -118,6 +118,7 @@ class Tracer:
         # Breakpoints sit on the ftrace NOP near each function's start: at a stop
         # the PC is moved past it, so the guest resumes with no single-step.
         self.probes: dict[int, Probe] = {}
+        self._nop_length: dict[int, int] = {}             # breakpoint -> NOP under it
         self.skipped: list[str] = []
         for probe in probes:
             address = kernel.symbols.get(probe.name)
@@ -128,7 +129,7 @@ class Tracer:
                 self.skipped.append(probe.name)
                 continue
             self.probes[address + nop[0]] = probe
-            self._nop_length = nop[1]
+            self._nop_length[address + nop[0]] = nop[1]
         if not any(p.role == "alloc" for p in self.probes.values()):
             raise QemuleakError("none of the kernel's allocation functions is in the symbols",
                                 "pass --vmlinux or --system-map for this kernel")
@@ -176,7 +177,7 @@ class Tracer:
             try:
                 stop = rsp.wait_stop(timeout=poll)
             except GuestConnectionError:
-                if rsp._dead is not None:        # the guest went away
+                if not rsp.usable:                # the guest or the connection is gone
                     raise
                 continue                          # poll timeout: check `until`
             self.handle(stop)
@@ -199,7 +200,7 @@ class Tracer:
             else:
                 self.unwind_pending()
                 self.on_module_load()
-            self._write_pc(stop.thread, pc + self._nop_length)
+            self._write_pc(stop.thread, pc + self._nop_length[pc])
         elif pc in self.return_sites:
             self._return(cpu, regs, pc, stop.thread)
 
