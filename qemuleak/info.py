@@ -7,7 +7,6 @@ from .errors import QemuleakError
 from .guest import Guest
 from .kernel import modules, tasks
 from .kernel.kernel import Kernel
-from .kernel.symbols import SymbolTable
 
 
 def describe(target: str, vmlinux=None, system_map=None, backend: str = "auto",
@@ -16,8 +15,7 @@ def describe(target: str, vmlinux=None, system_map=None, backend: str = "auto",
     with Guest.connect(target, backend=backend, ram_path=ram_path) as guest:
         kernel = Kernel.open(guest, vmlinux=vmlinux, system_map=system_map)
         mod_list = modules.for_each_module(kernel)
-        symbols = SymbolTable.merge([kernel.symbols, *(modules.module_symbols(kernel, m)
-                                                       for m in mod_list)])
+        symbols = modules.Symbolizer(kernel)
         vcpus = []
         for cpu in range(len(guest.cpus())):
             regs = guest.registers(cpu)

@@ -9,8 +9,7 @@ from collections import Counter
 from .errors import QemuleakError
 from .guest import Guest
 from .kernel.kernel import Kernel
-from .kernel.modules import for_each_module, module_symbols
-from .kernel.symbols import SymbolTable
+from .kernel.modules import Symbolizer
 from .objects import ObjectTable
 from .tracer import Tracer, tracing
 
@@ -20,7 +19,8 @@ def run_trace(target: str, duration: float, vmlinux=None, system_map=None,
     with Guest.connect(target, backend=backend) as guest:
         kernel = Kernel.open(guest, vmlinux=vmlinux, system_map=system_map)
         table = ObjectTable()
-        tracer = Tracer(kernel, table, **unwinding(kernel))
+        symbolizer = Symbolizer(kernel)
+        tracer = Tracer(kernel, table, **unwinding(kernel, symbolizer))
         deadline = time.monotonic() + duration if duration > 0 else float("inf")
         interrupted = False
         last = 0.0
@@ -44,27 +44,32 @@ def run_trace(target: str, duration: float, vmlinux=None, system_map=None,
                 interrupted = True
         interrupted = interrupted or tracer.interrupted
         guest.was_running = True          # resume on close: tracing ran it
-        symbols = SymbolTable.merge([kernel.symbols, *(module_symbols(kernel, m)
-                                                       for m in for_each_module(kernel))])
-        _summary(table, tracer, symbols, top, out)
+        symbolizer.refresh()
+        _summary(table, tracer, symbolizer, top, out)
     return 130 if interrupted else 0
 
 
-def unwinding(kernel) -> dict:
-    """Tracer arguments that give allocations full backtraces: the unwinder, and
-    a hook that teaches it each module as it loads. Empty when the kernel has no
-    unwind tables we read (the backtrace is then the allocator's entry only)."""
+def unwinding(kernel, symbolizer: Symbolizer | None = None) -> dict:
+    """Tracer arguments that give allocations full backtraces: the unwinder, and a
+    hook that teaches it (and `symbolizer`) each module as it loads. Empty when the
+    kernel has no unwind tables we read (the backtrace is then the allocator's
+    entry only)."""
     try:
         from .unwind import unwinder_for
         unwinder = unwinder_for(kernel)
     except QemuleakError:
         return {}
     sp = kernel.guest.arch.sp_reg
+
+    def module_loaded() -> None:
+        unwinder.refresh_modules(kernel)
+        if symbolizer is not None:
+            symbolizer.refresh()
     return {"unwinder": lambda regs, stack: unwinder.unwind(regs, regs[sp], stack, at_entry=True),
-            "on_module_load": lambda: unwinder.refresh_modules(kernel)}
+            "on_module_load": module_loaded}
 
 
-def _summary(table: ObjectTable, tracer: Tracer, symbols: SymbolTable, top: int, out) -> None:
+def _summary(table: ObjectTable, tracer: Tracer, symbols: Symbolizer, top: int, out) -> None:
     s = tracer.stats
     elapsed = time.monotonic() - s.started
     print(f"traced {s.allocs} allocations and {s.frees} frees in {elapsed:.1f} s "

@@ -18,8 +18,7 @@ from qemuleak.errors import QemuleakError  # noqa: E402
 from qemuleak.guest import Guest  # noqa: E402
 from qemuleak.images import find_image  # noqa: E402
 from qemuleak.kernel.kernel import Kernel  # noqa: E402
-from qemuleak.kernel.modules import for_each_module, module_symbols  # noqa: E402
-from qemuleak.kernel.symbols import SymbolTable  # noqa: E402
+from qemuleak.kernel.modules import Symbolizer  # noqa: E402
 from qemuleak.launch import VM, VMConfig  # noqa: E402
 from qemuleak.objects import ObjectTable  # noqa: E402
 from qemuleak.trace_cmd import unwinding  # noqa: E402
@@ -42,14 +41,13 @@ def main() -> int:
                 with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
                     kernel = Kernel.open(guest, system_map=image.system_map)
                     table = ObjectTable()
-                    tracer = Tracer(kernel, table, **unwinding(kernel))
+                    symbols = Symbolizer(kernel)
+                    tracer = Tracer(kernel, table, **unwinding(kernel, symbols))
                     vm.send_line("insmod /modules/leaky.ko")
                     start = time.monotonic()
                     with tracing(tracer):
                         tracer.run(lambda: "leaky: ready" in vm.console_text()
                                    or time.monotonic() - start > 120)
-                    symbols = SymbolTable.merge([kernel.symbols, *(module_symbols(kernel, m)
-                                                                   for m in for_each_module(kernel))])
                 objs = parse_objects(vm.console_text())
         s = tracer.stats
         print(f"demo: traced {s.allocs} allocations, {s.frees} frees in "

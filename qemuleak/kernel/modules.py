@@ -18,6 +18,28 @@ class Module:
     regions: tuple[tuple[int, int], ...]  # (start, size) of its core memory
     percpu: int                           # its per-CPU area (0 if none)
     percpu_size: int
+    text: tuple[tuple[int, int], ...] = ()  # (start, size) of its code, init code too while loading
+
+
+def _text(kernel, mod: int) -> tuple[tuple[int, int], ...]:
+    """Code of a module, core and (until init is done) init: `mem[MOD_TEXT]` and
+    `mem[MOD_INIT_TEXT]` (6.4+), else the layouts' base and text_size."""
+    t = kernel.types
+    out = []
+    if t.has_member("struct module", "mem"):
+        base = t.offsetof("struct module", "mem")
+        size = t.sizeof("struct module_memory")
+        b_off, s_off = (t.offsetof("struct module_memory", f) for f in ("base", "size"))
+        for index in (0, 4):                      # MOD_TEXT, MOD_INIT_TEXT
+            m = mod + base + index * size
+            out.append((kernel.read_u64(m + b_off), kernel.read_u32(m + s_off)))
+    else:
+        b_off = t.offsetof("struct module_layout", "base")
+        s_off = t.offsetof("struct module_layout", "text_size")
+        for layout in ("core_layout", "init_layout"):
+            at = mod + t.offsetof("struct module", layout)
+            out.append((kernel.read_u64(at + b_off), kernel.read_u32(at + s_off)))
+    return tuple((start, n) for start, n in out if start and n)
 
 
 def _regions(kernel, mod: int) -> tuple[tuple[int, int], ...]:
@@ -58,7 +80,7 @@ def for_each_module(kernel, limit: int = 4096) -> list[Module]:
         mod = node - list_off
         name = kernel.read(mod + name_off, name_len).split(b"\0", 1)[0].decode("utf-8", "replace")
         out.append(Module(name, mod, _regions(kernel, mod), kernel.read_u64(mod + pcpu_off),
-                          kernel.read_u32(mod + pcpu_size_off)))
+                          kernel.read_u32(mod + pcpu_size_off), _text(kernel, mod)))
         node = kernel.read_u64(node)
     return out
 
@@ -121,7 +143,8 @@ def _walk_to_head(kernel, node: int, list_off: int, self_off: int, limit: int = 
 
 
 def module_symbols(kernel, module: Module) -> SymbolTable:
-    """The module's symbols, from the kallsyms the kernel keeps for it."""
+    """The module's symbols, from the kallsyms the kernel keeps for it (its init
+    functions' only while it loads: read them then, see `Symbolizer`)."""
     t = kernel.types
     ks = kernel.read_u64(module.address + t.offsetof("struct module", "kallsyms"))
     symtab = kernel.read_u64(ks + t.offsetof("struct mod_kallsyms", "symtab"))
@@ -133,5 +156,36 @@ def module_symbols(kernel, module: Module) -> SymbolTable:
     strings = kernel.read(strtab, int(syms["name"].max(initial=0)) + 256) if len(syms) else b""
     names = [strings[o:strings.index(b"\0", o)].decode("utf-8", "replace")
              for o in syms["name"].tolist()]
-    return SymbolTable.from_arrays(syms["value"], np.where(syms["size"] > 0, syms["size"], 0),
-                                   names, module=module.name, ranges=module.regions)
+    # Sizes as the kernel's %pS gives them: up to the next symbol, or to the end of
+    # the code (core or init) that holds the symbol.
+    return SymbolTable.from_arrays(syms["value"], None, names, module=module.name,
+                                   ranges=module.text)
+
+
+class Symbolizer:
+    """Names for kernel and module addresses, remembering every module seen: a
+    module's init symbols are gone once its init has run, and an unloaded module's
+    code may still sit in backtraces recorded earlier. Call `refresh` with the
+    guest stopped, e.g. when a module loads."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self._tables: dict[tuple[str, int], SymbolTable] = {}
+        self._merged: SymbolTable | None = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        for m in for_each_module(self.kernel):
+            key = (m.name, m.regions[0][0] if m.regions else 0)
+            if key not in self._tables:           # the first read has the init symbols
+                self._tables[key] = module_symbols(self.kernel, m)
+                self._merged = None
+
+    @property
+    def table(self) -> SymbolTable:
+        if self._merged is None:
+            self._merged = SymbolTable.merge([self.kernel.symbols, *self._tables.values()])
+        return self._merged
+
+    def format(self, address: int) -> str:
+        return self.table.format(address)

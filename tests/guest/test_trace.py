@@ -12,8 +12,7 @@ import pytest
 
 from qemuleak.guest import Guest
 from qemuleak.kernel.kernel import Kernel
-from qemuleak.kernel.modules import for_each_module, module_symbols
-from qemuleak.kernel.symbols import SymbolTable
+from qemuleak.kernel.modules import Symbolizer
 from qemuleak.objects import Kind, ObjectTable
 from qemuleak.trace_cmd import unwinding
 from qemuleak.tracer import Tracer, tracing
@@ -36,14 +35,25 @@ CALLERS = {"kmalloc_leak": ("alloc_named", "make_leaks", "leaky_init"),
 COMMS = {"stack_kept": "leaky_sleeper", "register_kept": "leaky_spinner"}
 
 
-def trace_until(vm, guest, kernel, table, marker: str, timeout: float = 120) -> Tracer:
-    tracer = Tracer(kernel, table, **unwinding(kernel))
+def trace_until(vm, guest, kernel, table, marker: str, timeout: float = 120,
+                symbolizer=None) -> Tracer:
+    tracer = Tracer(kernel, table, **unwinding(kernel, symbolizer))
     start = time.monotonic()
     with tracing(tracer):
         tracer.run(lambda: marker in vm.console_text()[vm_mark(vm):]
                    or time.monotonic() - start > timeout)
     assert marker in vm.console_text(), f"guest never printed {marker!r}"
     return tracer
+
+
+FRAME = re.compile(r"^\[\s*[\d.]+\]\s+([\w.]+\+0x[0-9a-f]+/0x[0-9a-f]+(?: \[\w+\])?)\s*$", re.M)
+
+
+def dump_stack_frames(console: str) -> list[str]:
+    """The frames leaky's dump_stack() printed, without the unreliable '?' ones."""
+    start = console.index("leaky: dump_stack before backtrace_leak")
+    end = console.index("obj backtrace_leak", start)
+    return FRAME.findall(console[start:end])
 
 
 def vm_mark(vm) -> int:
@@ -61,13 +71,12 @@ def test_leaky_allocations_and_frees(boot, guest_image, arch):
     with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
         kernel = Kernel.open(guest, system_map=guest_image.system_map)
         table = ObjectTable()
+        symbols = Symbolizer(kernel)
         vm.send_line("insmod /modules/leaky.ko")
-        tracer = trace_until(vm, guest, kernel, table, "leaky: ready")
+        tracer = trace_until(vm, guest, kernel, table, "leaky: ready", symbolizer=symbols)
         console = vm.console_text()
         objs = parse_objects(console)
         insmod_pid = int(re.search(r"PID: (\d+) Comm: insmod", console).group(1))
-        [leaky] = for_each_module(kernel)
-        symbols = SymbolTable.merge([kernel.symbols, module_symbols(kernel, leaky)])
         for name, size in LEAKY_SIZES.items():
             r = table.get(objs[name].address)
             assert r is not None, f"{name} at {objs[name].address:#x} not traced"
@@ -86,6 +95,16 @@ def test_leaky_allocations_and_frees(boot, guest_image, arch):
                 assert any(f.startswith("do_init_module+") for f in frames), (name, frames)
         assert tracer.stats.allocs >= len(LEAKY_SIZES)
         assert not guest.rsp.breakpoints
+
+        # The allocation right after leaky's dump_stack(): from its caller on, our
+        # backtrace is the kernel's, frame for frame (names, offsets, sizes).
+        ours = [symbols.format(pc) for pc in table.get(objs["backtrace_leak"].address).backtrace]
+        printed = dump_stack_frames(console)
+        at_ours = next(i for i, f in enumerate(ours) if f.startswith("backtrace_alloc+"))
+        at_printed = next(i for i, f in enumerate(printed) if f.startswith("backtrace_alloc+"))
+        ours, printed = ours[at_ours + 1:], printed[at_printed + 1:]
+        n = min(len(ours), len(printed))
+        assert n >= 5 and ours[:n] == printed[:n], (ours, printed)
 
         # Module exit frees all but exit_leak, which rmmod allocates. A freed
         # object's memory may hold a new object by then: not the same record.
