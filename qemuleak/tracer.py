@@ -39,7 +39,7 @@ class Probe:
     """A traced function: which argument is what."""
 
     name: str
-    role: str                       # "alloc", "free", "free_bulk"
+    role: str                       # "alloc", "realloc", "free", "free_bulk", "module"
     kind: str = "kmalloc"           # what it allocates: kmalloc, cache, vmalloc, page
     size_arg: int | None = None
     cache_arg: int | None = None    # kmem_cache *: size is its object_size
@@ -61,6 +61,9 @@ PROBES = (
     Probe("kmem_cache_alloc_lru", "alloc", "cache", cache_arg=0),
     Probe("kmem_cache_alloc_node", "alloc", "cache", cache_arg=0),
     Probe("__vmalloc_node_range", "alloc", "vmalloc", size_arg=0),
+    # A krealloc that moves the object is seen by the kmalloc and kfree inside it;
+    # one that keeps the pointer changes only the object's size.
+    Probe("krealloc", "realloc", size_arg=1, ptr_arg=0),
     Probe("kfree", "free", ptr_arg=0),
     Probe("kmem_cache_free", "free", ptr_arg=1),
     Probe("vfree", "free", ptr_arg=0),
@@ -88,6 +91,7 @@ class Pending:
     cache: str | None = None
     flags: int = 0
     backtrace: tuple[int, ...] = ()
+    old: int = 0                    # realloc: the object being resized
 
 
 @dataclass
@@ -191,7 +195,7 @@ class Tracer:
         pc = regs[self.arch.pc_reg]
         probe = self.probes.get(pc)
         if probe is not None:
-            if probe.role == "alloc":
+            if probe.role in ("alloc", "realloc"):
                 self._enter_alloc(probe, cpu, regs, pc)
             elif probe.role == "free":
                 self._free(regs[self.arch.arg_regs[probe.ptr_arg]])
@@ -227,6 +231,8 @@ class Tracer:
         comm, pid, flags = self._who(cpu, regs)
         entry = Pending(probe, size, comm, pid, cpu, self._read_jiffies(), time.time_ns(),
                         regs, self._stack_copy(regs[self.arch.sp_reg]), site, cache, flags)
+        if probe.ptr_arg is not None:
+            entry.old = regs[args[probe.ptr_arg]]
         self.pending[sp_after] = entry
         self._to_unwind.append(entry)
         waiting = self.return_sites.get(site, 0)
@@ -281,6 +287,10 @@ class Tracer:
         if entry is None:
             return                                 # a call we did not see enter
         address = regs[self.arch.return_reg]
+        if entry.probe.role == "realloc":
+            if address == entry.old and entry.size:
+                self.table.move(address, address, entry.size)
+            return
         if address in (0, ZERO_SIZE_PTR) or entry.size == 0:
             self.stats.null_returns += 1
             return

@@ -30,6 +30,8 @@ CALLERS = {"kmalloc_leak": ("alloc_named", "make_leaks", "leaky_init"),
            "bss_kept": ("alloc_named", "make_kept", "leaky_init"),
            "percpu_kept": ("alloc_named", "make_kept", "leaky_init"),
            "interior_kept": ("alloc_named", "make_kept", "leaky_init"),
+           "krealloc_grown": ("make_leaks", "leaky_init"),
+           "krealloc_moved": ("make_leaks", "leaky_init"),
            "stack_kept": ("alloc_named", "sleeper_fn"),
            "register_kept": ("alloc_named", "spinner_fn")}
 COMMS = {"stack_kept": "leaky_sleeper", "register_kept": "leaky_spinner"}

@@ -8,6 +8,8 @@
  *
  * Leaks (nothing the kernel can see points at them): kmalloc_leak, cache_leak,
  * vmalloc_leak, list_head -> list_node1..4 (one direct and four indirect leaks),
+ * krealloc_grown (40 bytes grown to 56 in place) and krealloc_moved (40 bytes
+ * grown to 300: a new object, the old one freed),
  * backtrace_leak (allocated right after a dump_stack()), and exit_leak (made in
  * module exit). Their addresses are kept XOR-masked so module exit can free them
  * (all but exit_leak): a masked value is no kernel address, so no scanner sees it.
@@ -45,6 +47,7 @@ struct leaky_node {
 
 /* Masked addresses of the leaks, for module exit only. */
 static unsigned long hidden_kmalloc, hidden_cache, hidden_vmalloc, hidden_list, hidden_bt;
+static unsigned long hidden_grown, hidden_moved;
 static struct kmem_cache *leaky_cache;
 
 /* The references that keep the "not leaks" alive. */
@@ -188,6 +191,26 @@ static noinline int make_leaks(void)
 	if (!p)
 		return -ENOMEM;
 	hidden_bt = HIDE(p);
+
+	/* krealloc within the object's slab size keeps it; beyond, moves it. */
+	p = kmalloc(40, GFP_KERNEL);
+	if (!p)
+		return -ENOMEM;
+	p = krealloc(p, 56, GFP_KERNEL);
+	if (!p)
+		return -ENOMEM;
+	fill(p, 56, "krealloc_grown");
+	announce("krealloc_grown", p, 56);
+	hidden_grown = HIDE(p);
+	p = kmalloc(40, GFP_KERNEL);
+	if (!p)
+		return -ENOMEM;
+	p = krealloc(p, 300, GFP_KERNEL);
+	if (!p)
+		return -ENOMEM;
+	fill(p, 300, "krealloc_moved");
+	announce("krealloc_moved", p, 300);
+	hidden_moved = HIDE(p);
 	return 0;
 }
 
@@ -244,6 +267,8 @@ static void free_all(void)
 		kfree(node);
 	}
 	kfree(UNHIDE(hidden_bt));
+	kfree(UNHIDE(hidden_grown));
+	kfree(UNHIDE(hidden_moved));
 }
 
 static int __init leaky_init(void)
