@@ -64,9 +64,11 @@ PROBES = (
     # A krealloc that moves the object is seen by the kmalloc and kfree inside it;
     # one that keeps the pointer changes only the object's size.
     Probe("krealloc", "realloc", size_arg=1, ptr_arg=0),
+    Probe("pcpu_alloc", "alloc", "percpu", size_arg=0),     # returns a per-CPU pointer
     Probe("kfree", "free", ptr_arg=0),
     Probe("kmem_cache_free", "free", ptr_arg=1),
     Probe("vfree", "free", ptr_arg=0),
+    Probe("free_percpu", "free", ptr_arg=0),
     Probe("kmem_cache_free_bulk", "free_bulk", count_arg=1, ptr_arg=2),
     # A module's code is in place and its init is about to run: what unwinds
     # and names its frames must learn about it now.

@@ -13,10 +13,13 @@ LEAKY_SIZES = {
     "list_head": 64, "list_node1": 64, "list_node2": 64, "list_node3": 64, "list_node4": 64,
     "backtrace_leak": 112, "bss_kept": 128, "percpu_kept": 144, "interior_kept": 256,
     "stack_kept": 192, "register_kept": 160, "krealloc_grown": 56, "krealloc_moved": 300,
+    "percpu_leak": 48,
 }
 LEAKY_LEAKS = {"kmalloc_leak", "cache_leak", "vmalloc_leak", "list_head", "list_node1",
                "list_node2", "list_node3", "list_node4", "backtrace_leak",
-               "krealloc_grown", "krealloc_moved"}
+               "krealloc_grown", "krealloc_moved", "percpu_leak"}
+# Not addresses but per-CPU pointers (x86_64: offsets into the per-CPU areas).
+LEAKY_PERCPU = {"percpu_leak"}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from tests.groundtruth import LEAKY_SIZES, parse_objects
 
 pytestmark = pytest.mark.guest
 
-KINDS = {"cache_leak": Kind.CACHE, "vmalloc_leak": Kind.VMALLOC}
+KINDS = {"cache_leak": Kind.CACHE, "vmalloc_leak": Kind.VMALLOC, "percpu_leak": Kind.PERCPU}
 # The functions of leaky.c in each object's backtrace, innermost first, and who runs them.
 CALLERS = {"kmalloc_leak": ("alloc_named", "make_leaks", "leaky_init"),
            "cache_leak": ("make_leaks", "leaky_init"),
@@ -32,6 +32,7 @@ CALLERS = {"kmalloc_leak": ("alloc_named", "make_leaks", "leaky_init"),
            "interior_kept": ("alloc_named", "make_kept", "leaky_init"),
            "krealloc_grown": ("make_leaks", "leaky_init"),
            "krealloc_moved": ("make_leaks", "leaky_init"),
+           "percpu_leak": ("make_leaks", "leaky_init"),
            "stack_kept": ("alloc_named", "sleeper_fn"),
            "register_kept": ("alloc_named", "spinner_fn")}
 COMMS = {"stack_kept": "leaky_sleeper", "register_kept": "leaky_spinner"}

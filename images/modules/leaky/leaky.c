@@ -9,7 +9,8 @@
  * Leaks (nothing the kernel can see points at them): kmalloc_leak, cache_leak,
  * vmalloc_leak, list_head -> list_node1..4 (one direct and four indirect leaks),
  * krealloc_grown (40 bytes grown to 56 in place) and krealloc_moved (40 bytes
- * grown to 300: a new object, the old one freed),
+ * grown to 300: a new object, the old one freed), percpu_leak (48 bytes from
+ * __alloc_percpu; its "address" is the per-CPU pointer the allocator returns),
  * backtrace_leak (allocated right after a dump_stack()), and exit_leak (made in
  * module exit). Their addresses are kept XOR-masked so module exit can free them
  * (all but exit_leak): a masked value is no kernel address, so no scanner sees it.
@@ -47,7 +48,7 @@ struct leaky_node {
 
 /* Masked addresses of the leaks, for module exit only. */
 static unsigned long hidden_kmalloc, hidden_cache, hidden_vmalloc, hidden_list, hidden_bt;
-static unsigned long hidden_grown, hidden_moved;
+static unsigned long hidden_grown, hidden_moved, hidden_pcpu;
 static struct kmem_cache *leaky_cache;
 
 /* The references that keep the "not leaks" alive. */
@@ -211,6 +212,12 @@ static noinline int make_leaks(void)
 	fill(p, 300, "krealloc_moved");
 	announce("krealloc_moved", p, 300);
 	hidden_moved = HIDE(p);
+
+	p = (void __force *)__alloc_percpu(48, 8);
+	if (!p)
+		return -ENOMEM;
+	announce("percpu_leak", p, 48);
+	hidden_pcpu = HIDE(p);
 	return 0;
 }
 
@@ -269,6 +276,8 @@ static void free_all(void)
 	kfree(UNHIDE(hidden_bt));
 	kfree(UNHIDE(hidden_grown));
 	kfree(UNHIDE(hidden_moved));
+	if (hidden_pcpu)
+		free_percpu((void __percpu __force *)UNHIDE(hidden_pcpu));
 }
 
 static int __init leaky_init(void)
