@@ -13,7 +13,7 @@ import pytest
 from qemuleak.guest import Guest
 from qemuleak.kernel.kernel import Kernel
 from qemuleak.kernel.modules import Symbolizer
-from qemuleak.objects import Kind, ObjectTable
+from qemuleak.objects import Flags, Kind, ObjectTable
 from qemuleak.trace_cmd import unwinding
 from qemuleak.tracer import Tracer, tracing
 from tests.groundtruth import LEAKY_SIZES, parse_objects
@@ -33,9 +33,28 @@ CALLERS = {"kmalloc_leak": ("alloc_named", "make_leaks", "leaky_init"),
            "krealloc_grown": ("make_leaks", "leaky_init"),
            "krealloc_moved": ("make_leaks", "leaky_init"),
            "percpu_leak": ("make_leaks", "leaky_init"),
+           "rcu_freed": ("make_leaks", "leaky_init"),
+           "softirq_kept": ("soft_fn",),
+           "hardirq_kept": ("hard_fn",),
            "stack_kept": ("alloc_named", "sleeper_fn"),
            "register_kept": ("alloc_named", "spinner_fn")}
-COMMS = {"stack_kept": "leaky_sleeper", "register_kept": "leaky_spinner"}
+COMMS = {"stack_kept": "leaky_sleeper", "register_kept": "leaky_spinner",
+         "softirq_kept": "softirq", "hardirq_kept": "hardirq"}
+FLAGS = {"softirq_kept": Flags.SOFTIRQ, "hardirq_kept": Flags.HARDIRQ}
+
+
+class RecordingTable(ObjectTable):
+    """An ObjectTable that remembers what was freed, for the test to look at."""
+
+    def __init__(self):
+        super().__init__()
+        self.freed = {}
+
+    def remove(self, address):
+        record = super().remove(address)
+        if record is not None:
+            self.freed[address] = record
+        return record
 
 
 def trace_until(vm, guest, kernel, table, marker: str, timeout: float = 120,
@@ -70,10 +89,10 @@ def guest_alive(vm, tag: str) -> None:
 
 
 def test_leaky_allocations_and_frees(boot, guest_image, arch):
-    vm = boot()
+    vm = boot(files={"dc": b"echo 3 > /proc/sys/vm/drop_caches\n"})
     with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
         kernel = Kernel.open(guest, system_map=guest_image.system_map)
-        table = ObjectTable()
+        table = RecordingTable()
         symbols = Symbolizer(kernel)
         vm.send_line("insmod /modules/leaky.ko")
         tracer = trace_until(vm, guest, kernel, table, "leaky: ready", symbolizer=symbols)
@@ -81,8 +100,10 @@ def test_leaky_allocations_and_frees(boot, guest_image, arch):
         objs = parse_objects(console)
         insmod_pid = int(re.search(r"PID: (\d+) Comm: insmod", console).group(1))
         for name, size in LEAKY_SIZES.items():
-            r = table.get(objs[name].address)
+            r = table.get(objs[name].address) or table.freed.get(objs[name].address)
             assert r is not None, f"{name} at {objs[name].address:#x} not traced"
+            assert r.pid == 0 if name in FLAGS else r.pid > 0, name
+            assert r.flags == FLAGS.get(name, 0), name
             assert (r.size, r.kind) == (size, KINDS.get(name, Kind.KMALLOC)), name
             assert r.comm == COMMS.get(name, "insmod"), name
             if r.comm == "insmod":
@@ -99,6 +120,20 @@ def test_leaky_allocations_and_frees(boot, guest_image, arch):
         assert tracer.stats.allocs >= len(LEAKY_SIZES)
         assert not guest.rsp.breakpoints
 
+        # kfree_rcu: the free is recorded when RCU really frees it, a grace period on.
+        # Batches wait 5 s of guest time (which stands still at every stop); memory
+        # pressure drains them at once: drop_caches runs the kfree_rcu shrinker.
+        rcu = objs["rcu_freed"].address
+        rcu_seq = (table.get(rcu) or table.freed[rcu]).seq
+        vm.send_line("sh /dc")            # short: the guest is stopped, its UART small
+        start = time.monotonic()
+        tracer = Tracer(kernel, table, **unwinding(kernel, symbols))
+        with tracing(tracer):
+            tracer.run(lambda: getattr(table.freed.get(rcu), "seq", None) == rcu_seq
+                       or time.monotonic() - start > 60)
+        assert table.freed.get(rcu) is not None and table.freed[rcu].seq == rcu_seq
+        assert table.get(rcu) is None or table.get(rcu).seq != rcu_seq     # (memory reused)
+
         # The allocation right after leaky's dump_stack(): from its caller on, our
         # backtrace is the kernel's, frame for frame (names, offsets, sizes).
         ours = [symbols.format(pc) for pc in table.get(objs["backtrace_leak"].address).backtrace]
@@ -111,12 +146,13 @@ def test_leaky_allocations_and_frees(boot, guest_image, arch):
 
         # Module exit frees all but exit_leak, which rmmod allocates. A freed
         # object's memory may hold a new object by then: not the same record.
-        seqs = {name: table.get(objs[name].address).seq for name in LEAKY_SIZES}
+        seqs = {name: table.get(objs[name].address).seq for name in LEAKY_SIZES
+                if name != "rcu_freed"}
         vm._trace_mark = len(vm.console_text())
         vm.send_line("rmmod leaky")
         trace_until(vm, guest, kernel, table, "leaky: exit")
         objs = parse_objects(vm.console_text())
-        for name in LEAKY_SIZES:
+        for name in seqs:
             r = table.get(objs[name].address)
             assert r is None or r.seq != seqs[name], f"{name} not freed in the table"
         exit_leak = table.get(objs["exit_leak"].address)

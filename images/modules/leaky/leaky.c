@@ -19,10 +19,17 @@
  * variable of CPU 0), interior_kept (only a pointer into its middle, printed as
  * "leaky: ref interior_kept ADDRESS"), stack_kept (only on the stack of the sleeping
  * kthread leaky_sleeper), register_kept (only in a callee-saved register of the
- * spinning kthread leaky_spinner; "leaky: spinner cpu=N reg=R").
+ * spinning kthread leaky_spinner; "leaky: spinner cpu=N reg=R"), softirq_kept and
+ * hardirq_kept (allocated in a timer's and an hrtimer's callback: kmemleak's comm is
+ * "softirq" / "hardirq", pid 0; kept in .bss).
+ *
+ * rcu_freed is handed to kfree_rcu() at load: freed for real after a grace period.
  */
 #include <linux/completion.h>
 #include <linux/delay.h>
+#include <linux/hrtimer.h>
+#include <linux/rcupdate.h>
+#include <linux/timer.h>
 #include <linux/kthread.h>
 #include <linux/module.h>
 #include <linux/percpu.h>
@@ -57,6 +64,17 @@ static DEFINE_PER_CPU(void *, pcpu_ref);
 static void *interior_ref;
 
 static struct task_struct *sleeper, *spinner_task;
+static void *softirq_ref, *hardirq_ref;
+static struct timer_list soft_timer;
+static struct hrtimer hard_timer;
+static bool timers_started;
+static DECLARE_COMPLETION(soft_done);
+static DECLARE_COMPLETION(hard_done);
+
+struct rcu_obj {
+	struct rcu_head rcu;
+	char tag[80];
+};
 static DECLARE_COMPLETION(sleeper_ready);
 static DECLARE_COMPLETION(spinner_ready);
 static int spinner_stop;
@@ -124,6 +142,27 @@ static int spinner_fn(void *unused)
 	while (!kthread_should_stop())
 		schedule_timeout_interruptible(HZ);
 	return 0;
+}
+
+static void soft_fn(struct timer_list *t)
+{
+	softirq_ref = kmalloc(88, GFP_ATOMIC);
+	if (softirq_ref) {
+		fill(softirq_ref, 88, "softirq_kept");
+		announce("softirq_kept", softirq_ref, 88);
+	}
+	complete(&soft_done);
+}
+
+static enum hrtimer_restart hard_fn(struct hrtimer *t)
+{
+	hardirq_ref = kmalloc(72, GFP_ATOMIC);
+	if (hardirq_ref) {
+		fill(hardirq_ref, 72, "hardirq_kept");
+		announce("hardirq_kept", hardirq_ref, 72);
+	}
+	complete(&hard_done);
+	return HRTIMER_NORESTART;
 }
 
 static noinline void *backtrace_alloc(void)
@@ -213,6 +252,17 @@ static noinline int make_leaks(void)
 	announce("krealloc_moved", p, 300);
 	hidden_moved = HIDE(p);
 
+	/* Freed through RCU: the free happens a grace period later. */
+	{
+		struct rcu_obj *r = kmalloc(sizeof(*r), GFP_KERNEL);
+
+		if (!r)
+			return -ENOMEM;
+		fill(r->tag, sizeof(r->tag), "rcu_freed");
+		announce("rcu_freed", r, sizeof(*r));
+		kfree_rcu(r, rcu);
+	}
+
 	p = (void __force *)__alloc_percpu(48, 8);
 	if (!p)
 		return -ENOMEM;
@@ -233,6 +283,18 @@ static noinline int make_kept(void)
 		return -ENOMEM;
 	interior_ref = (char *)p + 100;
 	pr_info("leaky: ref interior_kept %px\n", interior_ref);
+
+	/* Allocations in interrupt context: a timer (softirq), an hrtimer (hardirq). */
+	timer_setup(&soft_timer, soft_fn, 0);
+	hrtimer_init(&hard_timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL_HARD);
+	hard_timer.function = hard_fn;
+	timers_started = true;
+	mod_timer(&soft_timer, jiffies + 1);
+	wait_for_completion(&soft_done);
+	hrtimer_start(&hard_timer, ms_to_ktime(1), HRTIMER_MODE_REL_HARD);
+	wait_for_completion(&hard_done);
+	if (!softirq_ref || !hardirq_ref)
+		return -ENOMEM;
 
 	sleeper = kthread_run(sleeper_fn, NULL, "leaky_sleeper");
 	if (IS_ERR(sleeper))
@@ -260,6 +322,12 @@ static void free_all(void)
 	}
 	if (sleeper && !IS_ERR(sleeper))
 		kthread_stop(sleeper);
+	if (timers_started) {
+		del_timer_sync(&soft_timer);
+		hrtimer_cancel(&hard_timer);
+	}
+	kfree(softirq_ref);
+	kfree(hardirq_ref);
 	kfree(bss_ref);
 	kfree(per_cpu(pcpu_ref, 0));
 	if (interior_ref)
