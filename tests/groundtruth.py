@@ -18,6 +18,8 @@ LEAKY_SIZES = {
 LEAKY_LEAKS = {"kmalloc_leak", "cache_leak", "vmalloc_leak", "list_head", "list_node1",
                "list_node2", "list_node3", "list_node4", "backtrace_leak",
                "krealloc_grown", "krealloc_moved", "percpu_leak"}
+# Handed to kfree_rcu() at load: freed a grace period later.
+LEAKY_RCU_FREED = {"rcu_freed"}
 # Not addresses but per-CPU pointers (x86_64: offsets into the per-CPU areas).
 LEAKY_PERCPU = {"percpu_leak"}
 

@@ -23,7 +23,7 @@ from qemuleak.launch import VM, VMConfig  # noqa: E402
 from qemuleak.objects import ObjectTable  # noqa: E402
 from qemuleak.trace_cmd import unwinding  # noqa: E402
 from qemuleak.tracer import Tracer, tracing  # noqa: E402
-from tests.groundtruth import LEAKY_LEAKS, parse_objects  # noqa: E402
+from tests.groundtruth import LEAKY_LEAKS, LEAKY_RCU_FREED, parse_objects  # noqa: E402
 
 
 def main() -> int:
@@ -54,7 +54,8 @@ def main() -> int:
               f"{time.monotonic() - start:.1f} s ({s.stops} breakpoint stops)\n")
         for o in objs.values():
             r = table.get(o.address)
-            expect = "leak" if o.name in LEAKY_LEAKS else "referenced"
+            expect = "leak" if o.name in LEAKY_LEAKS else \
+                "freed by RCU" if o.name in LEAKY_RCU_FREED else "referenced"
             print(f"{o.name} (expected: {expect}) at 0x{o.address:016x}, {o.size} bytes:")
             if r is None:
                 print("    not traced")
