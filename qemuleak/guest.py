@@ -28,6 +28,7 @@ class Guest:
         self.rsp = rsp
         self.arch = arch
         self.layout = layout
+        self.register_by_name = {r.name: r for r in layout}
         self.ram_block = ram_block
         self.ranges = ranges
         self.was_running = was_running
@@ -112,7 +113,6 @@ class Guest:
         them across connections). Either way the breakpoint under the stopped PC,
         if any, is removed and the guest continued: leaving it stopped would leave
         it with no debugger to resume it."""
-        pc_reg = next((r for r in self.layout if r.name == self.arch.pc_reg), None)
         for _ in range(tries):
             self.rsp.cont()
             try:
@@ -121,8 +121,8 @@ class Guest:
                 if not self.rsp.usable:
                     raise
                 return                  # still running after `settle`: done
-            if pc_reg is not None and stop.thread:
-                pc = int.from_bytes(self.rsp.read_register(pc_reg.regnum, stop.thread), "little")
+            if stop.thread:
+                pc = self.read_register(self.arch.pc_reg, stop.thread)
                 self.rsp.remove_stray_breakpoint(pc, self.arch.breakpoint_kind)
         self.rsp.cont()
 
@@ -176,13 +176,20 @@ class Guest:
                 end = r.offset + (r.bitsize + 7) // 8
                 if r.bitsize <= 64 and end <= len(raw) and r.name not in self.arch.system_regs:
                     regs[r.name] = int.from_bytes(raw[r.offset:end], "little")
-            by_name = {r.name: r for r in self.layout}
             for name in self.arch.system_regs:
-                if name in by_name:
-                    regs[name] = int.from_bytes(self.rsp.read_register(by_name[name].regnum, thread),
-                                                "little")
+                if name in self.register_by_name:
+                    regs[name] = self.read_register(name, thread)
             self._regs[cpu] = regs
         return regs
+
+    def read_register(self, name: str, thread: str) -> int:
+        """One register of a vCPU by name, with a `p` packet."""
+        reg = self.register_by_name[name]
+        return int.from_bytes(self.rsp.read_register(reg.regnum, thread), "little")
+
+    def write_register(self, name: str, value: int, thread: str) -> None:
+        reg = self.register_by_name[name]
+        self.rsp.write_register(reg.regnum, value.to_bytes((reg.bitsize + 7) // 8, "little"), thread)
 
     # -- memory ---------------------------------------------------------------
     def page_tables(self) -> PageTables:

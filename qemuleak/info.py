@@ -15,7 +15,7 @@ def describe(target: str, vmlinux=None, system_map=None, backend: str = "auto",
     with Guest.connect(target, backend=backend, ram_path=ram_path) as guest:
         kernel = Kernel.open(guest, vmlinux=vmlinux, system_map=system_map)
         mod_list = modules.for_each_module(kernel)
-        symbols = modules.Symbolizer(kernel)
+        symbols = modules.Symbolizer(kernel, mod_list)
         vcpus = []
         for cpu in range(len(guest.cpus())):
             regs = guest.registers(cpu)

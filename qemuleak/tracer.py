@@ -141,12 +141,11 @@ class Tracer:
                                 "pass --vmlinux or --system-map for this kernel")
         self.pending: dict[int, Pending] = {}             # by stack pointer at return
         self.return_sites: dict[int, int] = {}       # address -> calls waiting there
-        self._threads = self.guest.cpus()
-        self._cpu_of = {t: i for i, t in enumerate(self._threads)}
-        self._layout = {r.name: r for r in self.guest.layout}
-        self._regnames = (self.arch.pc_reg, self.arch.sp_reg, *self.arch.arg_regs,
-                          self.arch.return_reg, *[r for r in ("x29", "x30", "rbp", "gs_base", "cs", "cpsr")
-                                                  if r in self._layout])
+        self._cpu_of = {t: i for i, t in enumerate(self.guest.cpus())}
+        layout = self.guest.register_by_name
+        self._regs_in_g = [layout[name] for name in (
+            self.arch.pc_reg, self.arch.sp_reg, *self.arch.arg_regs, self.arch.return_reg,
+            *[r for r in ("x29", "x30", "rbp", "gs_base", "cs", "cpsr") if r in layout])]
         self._object_size_off = kernel.types.offsetof("struct kmem_cache", "object_size")
         self._cache_name_off = kernel.types.offsetof("struct kmem_cache", "name")
         self._cache_names: dict[int, str] = {}
@@ -212,12 +211,10 @@ class Tracer:
 
     def _registers(self, thread) -> dict[str, int]:
         raw = self.rsp.read_registers(thread)
-        regs = {}
-        for name in self._regnames:
-            r = self._layout[name]
-            regs[name] = int.from_bytes(raw[r.offset:r.offset + r.bitsize // 8], "little")
+        regs = {r.name: int.from_bytes(raw[r.offset:r.offset + r.bitsize // 8], "little")
+                for r in self._regs_in_g}
         for name in self.arch.trace_system_regs:
-            regs[name] = int.from_bytes(self.rsp.read_register(self._layout[name].regnum, thread), "little")
+            regs[name] = self.guest.read_register(name, thread)
         return regs
 
     def _enter_alloc(self, probe: Probe, cpu: int, regs: dict, pc: int) -> None:
@@ -225,7 +222,7 @@ class Tracer:
         cache = None
         if probe.cache_arg is not None:
             s = regs[args[probe.cache_arg]]
-            size = self._read_u32(s + self._object_size_off)
+            size = self.kernel.read_u32(s + self._object_size_off)
             cache = self._cache_name(s)
         else:
             size = regs[args[probe.size_arg]]
@@ -270,8 +267,7 @@ class Tracer:
         return b"".join(parts)
 
     def _write_pc(self, thread, pc: int) -> None:
-        self.rsp.write_register(self._layout[self.arch.pc_reg].regnum,
-                                pc.to_bytes(8, "little"), thread)
+        self.guest.write_register(self.arch.pc_reg, pc, thread)
 
     def _return(self, cpu: int, regs: dict, pc: int, thread) -> None:
         sp = regs[self.arch.sp_reg]
@@ -349,16 +345,13 @@ class Tracer:
                                   if sym.get(n) is not None), None)
         count = sym.get("__preempt_count")
         if count is not None:
-            return lambda cpu, regs: self._read_u32(self.arch.percpu_base(regs) + count)
+            return lambda cpu, regs: self.kernel.read_u32(self.arch.percpu_base(regs) + count)
         if t.has_member("struct task_struct", "thread_info") and \
                 t.has_member("struct thread_info", "preempt_count"):
             off = t.offsetof("struct task_struct", "thread_info") + \
                 t.offsetof("struct thread_info", "preempt_count")
-            return lambda cpu, regs: self._read_u32(self._current(cpu, regs) + off)
+            return lambda cpu, regs: self.kernel.read_u32(self._current(cpu, regs) + off)
         return lambda cpu, regs: 0
-
-    def _read_u32(self, address: int) -> int:
-        return int.from_bytes(self.guest.read(address, 4), "little")
 
     def _read_jiffies(self) -> int:
         return self.guest.read_u64(self._jiffies) if self._jiffies is not None else 0

@@ -42,7 +42,6 @@ def stop_cycles(guest: Guest, function: int, seconds: float) -> float:
     rsp, arch = guest.rsp, guest.arch
     offset, length = arch.entry_nop(guest.read(function, 16))
     address = function + offset
-    pc = next(r for r in guest.layout if r.name == arch.pc_reg)
     rsp.insert_breakpoint(address, arch.breakpoint_kind)
     try:
         stops, start = 0, time.perf_counter()
@@ -50,7 +49,7 @@ def stop_cycles(guest: Guest, function: int, seconds: float) -> float:
             rsp.cont()
             stop = rsp.wait_stop(timeout=10)
             rsp.read_registers(stop.thread)
-            rsp.write_register(pc.regnum, (address + length).to_bytes(8, "little"), stop.thread)
+            guest.write_register(arch.pc_reg, address + length, stop.thread)
             stops += 1
         return stops / (time.perf_counter() - start)
     finally:

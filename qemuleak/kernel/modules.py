@@ -168,14 +168,15 @@ class Symbolizer:
     code may still sit in backtraces recorded earlier. Call `refresh` with the
     guest stopped, e.g. when a module loads."""
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, modules: list[Module] | None = None):
         self.kernel = kernel
         self._tables: dict[tuple[str, int], SymbolTable] = {}
         self._merged: SymbolTable | None = None
-        self.refresh()
+        self.refresh(modules)
 
-    def refresh(self) -> None:
-        for m in for_each_module(self.kernel):
+    def refresh(self, modules: list[Module] | None = None) -> None:
+        """Learn the modules loaded now (`modules`, if the caller has just read them)."""
+        for m in for_each_module(self.kernel) if modules is None else modules:
             key = (m.name, m.regions[0][0] if m.regions else 0)
             if key not in self._tables:           # the first read has the init symbols
                 self._tables[key] = module_symbols(self.kernel, m)
