@@ -373,6 +373,15 @@ class ObjectTable:
         addresses, sizes, _ = self._bulk()
         return addresses, sizes
 
+    def columns(self, *names: str) -> list[np.ndarray]:
+        """Row fields ("kind", "flags", "seq", "jiffies", ...) of all objects, in the
+        address order of `arrays()`; copies."""
+        _, _, slots = self._bulk()
+        rows = np.frombuffer(self._rows, dtype=_ROW_DTYPE, count=self._capacity)
+        out = [rows[name][slots] for name in names]
+        del rows
+        return out
+
     def __repr__(self) -> str:
         return (f"<ObjectTable {len(self)} objects, {self.replaced} replaced, "
                 f"{self.unknown_frees} unknown frees>")

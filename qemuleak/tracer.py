@@ -29,6 +29,7 @@ from .objects import Flags, Kind
 
 STACK_COPY = 4096        # bytes of kernel stack saved per allocation
 ZERO_SIZE_PTR = 0x10     # what kmalloc(0) returns: not an object
+FREED_LIMIT = 1 << 22    # freed objects remembered (the scanner leaves them out)
 HARDIRQ_MASK, SOFTIRQ_OFFSET = 0x000F0000, 0x100
 KINDS = {"kmalloc": Kind.KMALLOC, "cache": Kind.CACHE, "vmalloc": Kind.VMALLOC,
          "page": Kind.PAGE, "percpu": Kind.PERCPU}
@@ -39,7 +40,7 @@ class Probe:
     """A traced function: which argument is what."""
 
     name: str
-    role: str                       # "alloc", "realloc", "free", "free_bulk", "module"
+    role: str                       # "alloc", "alloc_bulk", "realloc", "free", "free_bulk", "module"
     kind: str = "kmalloc"           # what it allocates: kmalloc, cache, vmalloc, page
     size_arg: int | None = None
     cache_arg: int | None = None    # kmem_cache *: size is its object_size
@@ -60,6 +61,8 @@ PROBES = (
     Probe("kmem_cache_alloc", "alloc", "cache", cache_arg=0),
     Probe("kmem_cache_alloc_lru", "alloc", "cache", cache_arg=0),
     Probe("kmem_cache_alloc_node", "alloc", "cache", cache_arg=0),
+    # returns how many objects it put in the array p (maple tree nodes come so)
+    Probe("kmem_cache_alloc_bulk", "alloc_bulk", "cache", cache_arg=0, ptr_arg=3),
     Probe("__vmalloc_node_range", "alloc", "vmalloc", size_arg=0),
     # A krealloc that moves the object is seen by the kmalloc and kfree inside it;
     # one that keeps the pointer changes only the object's size.
@@ -140,6 +143,7 @@ class Tracer:
             raise QemuleakError("none of the kernel's allocation functions is in the symbols",
                                 "pass --vmlinux or --system-map for this kernel")
         self.pending: dict[int, Pending] = {}             # by stack pointer at return
+        self.freed: dict[int, int] = {}                   # freed, not reallocated: size
         self.return_sites: dict[int, int] = {}       # address -> calls waiting there
         self._cpu_of = {t: i for i, t in enumerate(self.guest.cpus())}
         layout = self.guest.register_by_name
@@ -196,7 +200,7 @@ class Tracer:
         pc = regs[self.arch.pc_reg]
         probe = self.probes.get(pc)
         if probe is not None:
-            if probe.role in ("alloc", "realloc"):
+            if probe.role in ("alloc", "alloc_bulk", "realloc"):
                 self._enter_alloc(probe, cpu, regs, pc)
             elif probe.role == "free":
                 self._free(regs[self.arch.arg_regs[probe.ptr_arg]])
@@ -289,22 +293,34 @@ class Tracer:
             if address == entry.old and entry.size:
                 self.table.move(address, address, entry.size)
             return
-        if address in (0, ZERO_SIZE_PTR) or entry.size == 0:
+        addresses = [address]
+        if entry.probe.role == "alloc_bulk":       # the result is a count
+            addresses = [] if not 0 < address <= 1 << 16 else \
+                np.frombuffer(self.guest.read(entry.old, 8 * address), "<u8").tolist()
+        if not addresses or addresses[0] in (0, ZERO_SIZE_PTR) or entry.size == 0:
             self.stats.null_returns += 1
             return
-        self.stats.allocs += 1
         if entry.stack is not None:
             self.unwind_pending()
-        self.table.add(address, entry.size, KINDS[entry.probe.kind], cache=entry.cache,
-                       comm=entry.comm, pid=entry.pid, cpu=entry.cpu, jiffies=entry.jiffies,
-                       timestamp_ns=entry.time_ns, backtrace=entry.backtrace, flags=entry.flags)
+        for address in addresses:
+            self.stats.allocs += 1
+            self.freed.pop(address, None)
+            self.table.add(address, entry.size, KINDS[entry.probe.kind], cache=entry.cache,
+                           comm=entry.comm, pid=entry.pid, cpu=entry.cpu, jiffies=entry.jiffies,
+                           timestamp_ns=entry.time_ns, backtrace=entry.backtrace,
+                           flags=entry.flags)
 
     def _free(self, address: int) -> None:
         if address in (0, ZERO_SIZE_PTR):
             return
         self.stats.frees += 1
-        if self.table.remove(address) is None:
+        record = self.table.remove(address)
+        if record is None:
             self.stats.unknown_frees += 1
+        # Freed memory keeps stale pointers that would hide leaks if it were
+        # scanned: remember it until it is allocated again (size 0: unknown).
+        if len(self.freed) < FREED_LIMIT:
+            self.freed[address] = record.size if record is not None else 0
 
     def _free_bulk(self, probe: Probe, regs: dict) -> None:
         args = self.arch.arg_regs

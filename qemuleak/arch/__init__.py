@@ -79,6 +79,14 @@ class Arch:
         """A kernel pointer with any tag bits removed."""
         return address
 
+    def vmemmap(self, kernel) -> int | None:
+        """Address of the struct page of page frame 0, None if unknown."""
+        return None
+
+    def untag_words(self, words):
+        """`untag` over a numpy array of words (the scanner's hot loop)."""
+        return words
+
     def __repr__(self) -> str:
         return f"<Arch {self.name}>"
 

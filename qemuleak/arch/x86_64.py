@@ -65,6 +65,13 @@ class X86_64(Arch):
     def module_windows(self, stext: int, numbers: dict[str, int]) -> list[tuple[int, int]]:
         return [(0xFFFFFFFFC0000000, 0xFFFFFFFFFF000000)]     # MODULES_VADDR..MODULES_END
 
+    def vmemmap(self, kernel) -> int | None:
+        # vmemmap_base moves with KASLR's memory randomization
+        at = kernel.symbols.get("vmemmap_base")
+        if at is None and kernel.info is not None:
+            at = kernel.info.symbol("vmemmap_base")
+        return kernel.read_u64(at) if at is not None else None
+
     def percpu_base(self, regs: dict[str, int]) -> int | None:
         # The kernel's GS base is the per-CPU offset (per-CPU data is linked at 0);
         # in user mode swapgs has parked it in KERNEL_GS_BASE.

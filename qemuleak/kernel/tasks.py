@@ -64,3 +64,63 @@ def for_each_task(kernel, limit: int = 1 << 20):
         yield task(kernel, node - tasks_off)
         node = kernel.read_u64(node)
         seen += 1
+
+
+def for_each_thread(kernel, limit: int = 1 << 20):
+    """Every thread: each leader's thread group, through signal->thread_head and
+    thread_node (where they exist) or the older thread_group list."""
+    t = kernel.types
+    if t.has_member("struct task_struct", "thread_node"):
+        node_off = t.offsetof("struct task_struct", "thread_node")
+        sig_off = t.offsetof("struct task_struct", "signal")
+        head_off = t.offsetof("struct signal_struct", "thread_head")
+        heads = lambda leader: kernel.read_u64(leader + sig_off) + head_off   # noqa: E731
+    else:
+        node_off = t.offsetof("struct task_struct", "thread_group")
+        heads = lambda leader: leader + node_off                              # noqa: E731
+    seen = 0
+    for leader in for_each_task(kernel, limit):
+        if leader.address == kernel.sym("init_task") or not _has_signal(kernel, leader.address):
+            yield leader
+            continue
+        head = heads(leader.address)
+        node = kernel.read_u64(head)
+        while node != head and seen < limit:
+            yield task(kernel, node - node_off)
+            node = kernel.read_u64(node)
+            seen += 1
+
+
+def _has_signal(kernel, address: int) -> bool:
+    t = kernel.types
+    if not t.has_member("struct task_struct", "thread_node"):
+        return True
+    return kernel.read_u64(address + t.offsetof("struct task_struct", "signal")) != 0
+
+
+def thread_size(kernel) -> int:
+    """THREAD_SIZE: the size of init_task's stack (INIT_TASK_DATA in the linker
+    script), else 16 KiB as on x86_64 and arm64 without KASAN."""
+    start, end = kernel.symbols.get("__start_init_task"), kernel.symbols.get("__end_init_task")
+    if start is not None and end is not None and 0 < end - start <= 1 << 20:
+        return end - start
+    return 16384
+
+
+def stack(kernel, address: int) -> int:
+    """Lowest address of a task's kernel stack (task->stack)."""
+    return kernel.read_u64(address + kernel.types.offsetof("struct task_struct", "stack"))
+
+
+# Where a task that is not running saved its stack pointer: x86_64 thread.sp,
+# arm64 thread.cpu_context.sp.
+_SAVED_SP = ("thread.sp", "thread.cpu_context.sp")
+
+
+def saved_sp(kernel, address: int) -> int | None:
+    """The stack pointer a switched-out task saved (None if the kernel has no field
+    we know): below it, the task's stack holds nothing live."""
+    for path in _SAVED_SP:
+        if kernel.types.has_member("struct task_struct", path):
+            return kernel.read_u64(address + kernel.types.offsetof("struct task_struct", path))
+    return None

@@ -1,0 +1,79 @@
+"""Physical pages, from the `struct page` array: which RAM the page allocator holds
+free, and which pages are slabs of which cache."""
+
+import numpy as np
+
+from ..errors import QemuleakError
+
+PAGE = 4096
+PG_SLAB_NAME = "PG_slab"
+
+
+def vmemmap(kernel) -> int:
+    """Address of the `struct page` of page frame 0 (SPARSEMEM_VMEMMAP)."""
+    base = kernel.guest.arch.vmemmap(kernel)
+    if base is None:
+        raise QemuleakError("cannot find the kernel's struct page array (vmemmap)",
+                            "pass --vmlinux or --system-map")
+    return base
+
+
+class Pages:
+    """The struct pages of every RAM page, read in one go per RAM range."""
+
+    def __init__(self, kernel, ranges):
+        t = kernel.types
+        self.kernel = kernel
+        self.ranges = ranges
+        self.size = t.sizeof("struct page")
+        self.base = vmemmap(kernel)
+        self.raw = [np.frombuffer(kernel.read(self.base + (r.gpa // PAGE) * self.size,
+                                              r.size // PAGE * self.size), np.uint8)
+                    .reshape(-1, self.size) for r in ranges]
+        self._ref = t.offsetof("struct page", "_refcount")
+        self._head = t.offsetof("struct page", "compound_head") \
+            if t.has_member("struct page", "compound_head") else None
+        slab = "struct slab" if t.has_type("struct slab") else "struct page"
+        self._cache = t.offsetof(slab, "slab_cache")
+
+    def _field(self, pages: np.ndarray, off: int, dtype: str) -> np.ndarray:
+        width = np.dtype(dtype).itemsize
+        return np.ascontiguousarray(pages[:, off:off + width]).view(dtype).reshape(len(pages))
+
+    def free(self) -> list[np.ndarray]:
+        """Per RAM range, a bool per page: free in the page allocator. Buddy and
+        per-CPU list pages have a zero _refcount; so do the tail pages of a
+        compound page, told apart by compound_head bit 0."""
+        out = []
+        for pages in self.raw:
+            free = self._field(pages, self._ref, "<i4") == 0
+            if self._head is not None:
+                free &= (self._field(pages, self._head, "<u8") & np.uint64(1)) == 0
+            out.append(free)
+        return out
+
+    def slab_cache(self, gpas: np.ndarray) -> np.ndarray:
+        """The kmem_cache of the slab holding each guest-physical address, 0 where
+        the page is no slab (or not RAM)."""
+        gpas = np.asarray(gpas, np.uint64)
+        out = np.zeros(len(gpas), np.uint64)
+        for r, pages in zip(self.ranges, self.raw):
+            inside = (gpas >= np.uint64(r.gpa)) & (gpas < np.uint64(r.end))
+            if not inside.any():
+                continue
+            index = ((gpas[inside] - np.uint64(r.gpa)) // np.uint64(PAGE)).astype(np.int64)
+            sel = pages[index]
+            if self._head is not None:            # a tail page: ask its head
+                head = self._field(sel, self._head, "<u8")
+                tail = (head & np.uint64(1)) == 1
+                if tail.any():
+                    hidx = ((head[tail] - np.uint64(1) - np.uint64(self.base)) // np.uint64(self.size)
+                            - np.uint64(r.gpa // PAGE)).astype(np.int64)
+                    ok = (hidx >= 0) & (hidx < len(pages))
+                    fixed = sel[tail].copy()
+                    fixed[ok] = pages[hidx[ok]]
+                    sel = sel.copy()
+                    sel[tail] = fixed
+            cache = self._field(sel, self._cache, "<u8")
+            out[inside] = np.where(cache >> np.uint64(63) == 1, cache, np.uint64(0))
+        return out

@@ -1,0 +1,84 @@
+"""vmalloc: the kernel's busy virtual areas (`struct vmap_area`) and their vm_struct."""
+
+from dataclasses import dataclass
+
+from ..errors import KernelTypeError
+
+
+@dataclass(frozen=True)
+class VmapArea:
+    start: int            # va_start
+    end: int              # va_end (a guard page included, when the area has one)
+    address: int          # the struct vmap_area
+    vm: int               # its struct vm_struct, 0 for vm_map_ram areas
+    caller: int           # vm->caller: who asked for the area (0 without vm)
+    flags: int            # vm->flags
+
+
+def allocator_words(kernel) -> list[int]:
+    """Addresses of the allocator's own words that point at vmalloc areas (the
+    references every area has, which are not its user's): va_start and va_end of
+    every vmap_area, busy, free or waiting to be purged (a free area ends where a
+    busy one starts), and vm_struct.addr of the busy ones."""
+    t = kernel.types
+    start_off = t.offsetof("struct vmap_area", "va_start")
+    end_off = t.offsetof("struct vmap_area", "va_end")
+    out = []
+    for a in for_each_vmap_area(kernel):
+        out += [a.address + start_off, a.address + end_off]
+        if a.vm:
+            out.append(a.vm + t.offsetof("struct vm_struct", "addr"))
+    list_off = t.offsetof("struct vmap_area", "list")
+    for name in ("free_vmap_area_list", "purge_vmap_area_list"):
+        if kernel.symbols.get(name) is not None:
+            for node in _list(kernel, kernel.sym(name)):
+                out += [node - list_off + start_off, node - list_off + end_off]
+    return out
+
+
+def _list(kernel, head: int, limit: int = 1 << 20):
+    node = kernel.read_u64(head)
+    seen = 0
+    while node != head and seen < limit:
+        yield node
+        node = kernel.read_u64(node)
+        seen += 1
+
+
+def for_each_vmap_area(kernel, limit: int = 1 << 20) -> list[VmapArea]:
+    """Every busy vmap_area, from `vmap_area_list` (up to 6.8) or the busy lists
+    of `vmap_nodes` (6.9+)."""
+    t = kernel.types
+    heads = []
+    if kernel.symbols.get("vmap_area_list") is not None:
+        heads = [kernel.sym("vmap_area_list")]
+    elif kernel.symbols.get("vmap_nodes") is not None and t.has_member("struct vmap_node", "busy"):
+        nodes = kernel.read_u64(kernel.sym("vmap_nodes"))
+        count = kernel.read_u32(kernel.sym("nr_vmap_nodes")) if kernel.symbols.get("nr_vmap_nodes") else 1
+        size = t.sizeof("struct vmap_node")
+        busy = t.offsetof("struct vmap_node", "busy") + t.offsetof("struct rb_list", "head")
+        heads = [nodes + i * size + busy for i in range(count)]
+    else:
+        raise KernelTypeError("cannot find the kernel's vmalloc areas: neither vmap_area_list "
+                              "nor vmap_nodes is in the symbols", "pass --vmlinux or --system-map")
+    list_off = t.offsetof("struct vmap_area", "list")
+    start_off = t.offsetof("struct vmap_area", "va_start")
+    end_off = t.offsetof("struct vmap_area", "va_end")
+    vm_off = t.offsetof("struct vmap_area", "vm")
+    caller_off = t.offsetof("struct vm_struct", "caller")
+    flags_off = t.offsetof("struct vm_struct", "flags")
+    out = []
+    for head in heads:
+        for node in _list(kernel, head, limit):
+            va = node - list_off
+            raw = kernel.read(va, max(start_off, end_off, vm_off) + 8)
+            word = lambda off: int.from_bytes(raw[off:off + 8], "little")   # noqa: E731
+            vm = word(vm_off)
+            # `vm` shares a union with subtree_max_size: only a kernel pointer is a vm
+            caller = flags = 0
+            if vm >> 63:
+                caller, flags = kernel.read_u64(vm + caller_off), kernel.read_u64(vm + flags_off)
+            else:
+                vm = 0
+            out.append(VmapArea(word(start_off), word(end_off), va, vm, caller, flags))
+    return out

@@ -1,0 +1,344 @@
+"""Scan a frozen guest for leaks: kmemleak's reachability over the tracer's objects.
+
+What is scanned, all read from one snapshot (see snapshot.py):
+- objects: every object in the table; a per-CPU object's contents are its copy on
+  each possible CPU, and references to it are its per-CPU cookie;
+- roots: the vCPU registers, and either
+  - untracked="roots" (default, conservative): all of RAM that is not a tracked
+    object. Memory allocated before tracing began is not in the table, and its
+    references must not be lost, so attaching to a VM that has run for hours gives
+    no false reports; or
+  - untracked="ignore": only what kmemleak takes as roots: kernel .data, .bss,
+    ro_after_init, each possible CPU's static per-CPU area, every module's memory
+    and per-CPU area, and the task stacks.
+Before scanning, the copy is cleaned of what would hide leaks: the allocator's own
+pointers to vmalloc areas (vmap_area.va_start, vm_struct.addr: kmemleak instead asks
+two references of vmalloc areas), the dead part of every task stack (below its stack
+pointer), and the stacks cached for reuse after their task died. With stack=False
+task stacks are not scanned at all.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import reach
+from .errors import QemuleakError
+from .kernel import mm, percpu, tasks
+from .kernel.modules import Symbolizer, for_each_module
+from .kernel.vmalloc import allocator_words
+from .objects import Flags, Kind, ObjectTable
+from .reach import Segments
+from .report import Frame, Leak
+from .snapshot import RamCopy, Snapshot, guest_frozen
+
+_KERNEL_HALF = 1 << 63
+_GAP = 1 << 30
+UNTRACKED = ("roots", "ignore")
+
+
+@dataclass
+class Options:
+    stack: bool = True               # scan task stacks (kmemleak's stack=on)
+    untracked: str = "roots"         # see the module docstring
+
+
+@dataclass
+class Result:
+    """One scan: every unreferenced object, in allocation order."""
+
+    leaks: list[Leak]
+    objects: int
+    bytes_scanned: int
+    time: float
+    paused_s: float
+    duration_s: float
+    waves: int
+    # per object, in address order: for `dump`
+    addresses: np.ndarray = field(repr=False, default=None)
+    counts: np.ndarray = field(repr=False, default=None)
+    states: list = field(repr=False, default=None)
+    contents: Segments = field(repr=False, default=None)
+    roots: Segments = field(repr=False, default=None)
+
+    def state_of(self, address: int) -> tuple[str, int] | None:
+        """("direct leak" | "indirect leak" | "referenced", references found) of the
+        object starting at `address` in this scan."""
+        i = int(np.searchsorted(self.addresses, np.uint64(address)))
+        if i < len(self.addresses) and int(self.addresses[i]) == address:
+            return self.states[i], int(self.counts[i])
+        return None
+
+
+def to_ram(kernel, ram: RamCopy, owner, va, length) -> Segments:
+    """Kernel virtual segments as segments of the RAM copy: split where the page
+    tables or the RAM ranges split them; what is not mapped RAM is dropped."""
+    owner, va, length = (np.asarray(a, np.int64 if a is not va else np.uint64).reshape(-1)
+                         for a in (owner, va, length))
+    keep = (va >= np.uint64(_KERNEL_HALF)) & (length > 0)
+    owner, va, length = owner[keep], va[keep], length[keep]
+    if not len(va):
+        return Segments.empty()
+    order = np.argsort(va, kind="stable")
+    owner, va, length = owner[order], va[order], length[order]
+    end = va + length.astype(np.uint64)
+    reach_end = np.maximum.accumulate(end)
+    cuts = np.flatnonzero(va[1:] - reach_end[:-1] > np.uint64(_GAP)) + 1
+    tables = kernel.guest.page_tables()
+    out = []
+    for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(va)]):
+        pieces = []
+        for m in tables.mappings(int(va[a]), int(reach_end[b - 1])):
+            for r in ram.ranges:
+                lo, hi = max(m.pa, r.gpa), min(m.pa + m.size, r.end)
+                if lo < hi:
+                    pieces.append((m.va + lo - m.pa, r.offset + lo - r.gpa, hi - lo))
+        if not pieces:
+            continue
+        pieces.sort()
+        pva = np.array([p[0] for p in pieces], np.uint64)
+        poff = np.array([p[1] for p in pieces], np.int64)
+        psize = np.array([p[2] for p in pieces], np.int64)
+        sv, se, so = va[a:b], end[a:b], owner[a:b]
+        k = np.searchsorted(pva, sv, side="right").astype(np.int64) - 1
+        kc = np.maximum(k, 0)
+        fits = (k >= 0) & (se <= pva[kc] + psize[kc].astype(np.uint64))
+        out.append(Segments(so[fits], poff[kc[fits]] + (sv[fits] - pva[kc[fits]]).astype(np.int64),
+                            (se[fits] - sv[fits]).astype(np.int64)))
+        for i in np.flatnonzero(~fits).tolist():          # crosses pages: vmalloc
+            lo, hi = int(sv[i]), int(se[i])
+            j = max(int(k[i]), 0)
+            while j < len(pieces) and pieces[j][0] < hi:
+                p_va, p_off, p_size = pieces[j]
+                s, e = max(lo, p_va), min(hi, p_va + p_size)
+                if s < e:
+                    out.append(Segments.of([so[i]], [p_off + s - p_va], [e - s]))
+                j += 1
+    return Segments.concat(out)
+
+
+def _object_contents(kernel, ram, addresses, sizes, kinds, cpus) -> Segments:
+    """Where each object's bytes are in the RAM copy (per-CPU objects: every
+    possible CPU's copy)."""
+    index = np.arange(len(addresses), dtype=np.int64)
+    is_pcpu = kinds == int(Kind.PERCPU)
+    owner, va, length = [index[~is_pcpu]], [addresses[~is_pcpu]], [sizes[~is_pcpu]]
+    if is_pcpu.any():
+        for cpu in cpus:
+            off = np.uint64(kernel.percpu_offset(cpu))
+            owner.append(index[is_pcpu])
+            va.append(addresses[is_pcpu] + off)
+            length.append(sizes[is_pcpu])
+    return to_ram(kernel, ram, np.concatenate(owner), np.concatenate(va),
+                  np.concatenate(length).astype(np.int64))
+
+
+def _stack_spans(kernel, snapshot: Snapshot, stack_on: bool):
+    """(live, dead) stack spans (start, size): the part of each task stack in use
+    (from its stack pointer up), and what is garbage (below it; whole stacks with
+    stack=off, and stacks cached for reuse after their task exited)."""
+    size = tasks.thread_size(kernel)
+    arch = kernel.guest.arch
+    running: dict[int, int] = {}
+    for cpu, regs in enumerate(snapshot.registers):
+        try:
+            running[tasks.current_task(kernel, cpu)] = regs[arch.sp_reg]
+        except QemuleakError:
+            continue
+    live, dead = [], []
+    for t in tasks.for_each_thread(kernel):
+        base = tasks.stack(kernel, t.address)
+        if not base:
+            continue
+        sp = running.get(t.address)
+        if sp is None or not base <= sp < base + size:
+            sp = tasks.saved_sp(kernel, t.address) if t.address not in running else None
+        if sp is None or not base <= sp <= base + size:
+            sp = base                        # unknown: all of it may be live
+        if not stack_on:
+            sp = base + size
+        dead.append((base, sp - base))
+        live.append((sp, base + size - sp))
+    if kernel.symbols.get("cached_stacks") is not None:
+        addr_off = kernel.types.offsetof("struct vm_struct", "addr")
+        sym = kernel.symbols.lookup(kernel.sym("cached_stacks"))
+        n = sym.size // 8 if sym is not None and sym.size else 2       # NR_CACHED_STACKS
+        for cpu in percpu.possible_cpus(kernel):
+            at = kernel.percpu("cached_stacks", cpu)
+            for i in range(n):
+                vm = kernel.read_u64(at + 8 * i)
+                if vm:
+                    dead.append((kernel.read_u64(vm + addr_off), size))
+    return live, dead
+
+
+def _kernel_roots(kernel, live_stacks) -> list[tuple[int, int]]:
+    """kmemleak's roots, as (start, size) of kernel virtual memory."""
+    sym = kernel.symbols.get
+    out = []
+    for lo, hi in (("_sdata", "_edata"), ("__bss_start", "__bss_stop"),
+                   ("__start_ro_after_init", "__end_ro_after_init")):
+        if sym(lo) is not None and sym(hi) is not None:
+            out.append((sym(lo), sym(hi) - sym(lo)))
+    if not out:
+        raise QemuleakError("the kernel's data and bss sections are unknown",
+                            "pass --vmlinux or --system-map")
+    out += percpu.static_areas(kernel)
+    cpus = percpu.possible_cpus(kernel)
+    for m in for_each_module(kernel):
+        out += m.regions
+        if m.percpu and m.percpu_size:
+            out += [((m.percpu + kernel.percpu_offset(c)) & (2**64 - 1), m.percpu_size)
+                    for c in cpus]
+    return out + list(live_stacks)
+
+
+def _allocated_ram(ram: RamCopy, pages: mm.Pages) -> Segments:
+    """Every page of RAM the page allocator does not hold free, as segments."""
+    offsets, lengths = [], []
+    for r, free in zip(ram.ranges, pages.free()):
+        edges = np.flatnonzero(np.diff(np.concatenate(([1], free.astype(np.int8), [1]))))
+        starts, stops = edges[::2], edges[1::2]          # runs of allocated pages
+        offsets.append(r.offset + starts * mm.PAGE)
+        lengths.append((stops - starts) * mm.PAGE)
+    offsets, lengths = np.concatenate(offsets), np.concatenate(lengths)
+    return Segments.of(np.full(len(offsets), -1), offsets, lengths)
+
+
+def slab_caches(kernel) -> dict[int, int]:
+    """Every kmem_cache on `slab_caches`: address -> object size."""
+    t = kernel.types
+    head = kernel.symbols.get("slab_caches")
+    if head is None:
+        return {}
+    list_off = t.offsetof("struct kmem_cache", "list")
+    size_off = t.offsetof("struct kmem_cache", "object_size")
+    out = {}
+    node = kernel.read_u64(head)
+    while node != head and len(out) < 1 << 16:
+        out[node - list_off] = kernel.read_u32(node - list_off + size_off)
+        node = kernel.read_u64(node)
+    return out
+
+
+def _freed_slab_objects(kernel, ram: RamCopy, pages: mm.Pages, freed: dict[int, int],
+                        starts: np.ndarray, ends: np.ndarray) -> Segments:
+    """Slab objects freed while tracing and not allocated again, as segments: their
+    stale contents are no roots. Only objects still in a slab of a known cache
+    count, at that cache's object size, and none overlapping a live object."""
+    if not freed:
+        return Segments.empty()
+    caches = slab_caches(kernel)
+    if not caches:
+        return Segments.empty()
+    va = np.fromiter(freed.keys(), np.uint64, len(freed))
+    where = to_ram(kernel, ram, np.arange(len(va)), va, np.ones(len(va), np.int64))
+    va = va[where.owner]
+    cache = pages.slab_cache(ram.gpas(where.offset))
+    known = np.array(sorted(caches), np.uint64)
+    sizes = np.array([caches[c] for c in sorted(caches)], np.int64)
+    k = np.searchsorted(known, cache)
+    kc = np.minimum(k, len(known) - 1)
+    ok = known[kc] == cache
+    va, size = va[ok], sizes[kc[ok]]
+    end = va + size.astype(np.uint64)
+    j = np.searchsorted(starts, end, side="left").astype(np.int64) - 1
+    overlaps = (j >= 0) & (ends[np.maximum(j, 0)] > va)
+    va, size = va[~overlaps], size[~overlaps]
+    return to_ram(kernel, ram, np.full(len(va), -1), va, size)
+
+
+def _zero(ram: RamCopy, segments: Segments) -> None:
+    for off, n in zip(segments.offset.tolist(), segments.length.tolist()):
+        ram.data[off:off + n] = 0
+
+
+def hz(kernel) -> int:
+    """The guest's HZ, from tick_nsec (nanoseconds per jiffy); 250 (Debian's and
+    buildroot's defaults) when the symbol is unknown."""
+    at = kernel.symbols.get("tick_nsec")
+    if at is not None:
+        tick = kernel.read_u64(at)
+        if 100_000 <= tick <= 100_000_000:
+            return round(1e9 / tick)
+    return 250
+
+
+def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Options(),
+         symbolizer: Symbolizer | None = None, freed: dict[int, int] | None = None) -> Result:
+    """Find the unreferenced objects of `table` in `snapshot`. `freed`: what the
+    tracer saw freed and not allocated again (address -> size). The copy in the
+    snapshot is modified (cleaned, see the module docstring)."""
+    if options.untracked not in UNTRACKED:
+        raise QemuleakError(f"unknown untracked-memory mode {options.untracked!r}",
+                            f"use one of {', '.join(UNTRACKED)}")
+    started = time.perf_counter()
+    addresses, sizes = table.arrays()
+    kinds, flags, seqs = table.columns("kind", "flags", "seq")
+    guest = kernel.guest
+    ram = snapshot.ram
+    with guest_frozen(guest, snapshot):
+        cpus = percpu.possible_cpus(kernel)
+        contents = _object_contents(kernel, ram, addresses, sizes, kinds, cpus)
+        live, dead = _stack_spans(kernel, snapshot, options.stack)
+        meta = allocator_words(kernel)
+        ends = addresses + sizes
+        if options.untracked == "roots":
+            pages = mm.Pages(kernel, ram.ranges)
+            roots = _allocated_ram(ram, pages)
+            stale = _freed_slab_objects(kernel, ram, pages, freed or {}, addresses, ends)
+        else:
+            spans = _kernel_roots(kernel, live)
+            roots = to_ram(kernel, ram, np.full(len(spans), -1), [s for s, _ in spans],
+                           [n for _, n in spans])
+            stale = Segments.empty()
+        cleaned = to_ram(kernel, ram, np.full(len(dead) + len(meta), -1),
+                         [s for s, _ in dead] + meta, [n for _, n in dead] + [8] * len(meta))
+        now_jiffies = kernel.read_u64(kernel.sym("jiffies")) if kernel.symbols.get("jiffies") else 0
+        ticks = hz(kernel)
+        symbolizer = symbolizer or Symbolizer(kernel)
+        symbolizer.refresh()
+    _zero(ram, cleaned)
+    _zero(ram, stale)
+    registers = np.array([v & (2**64 - 1) for regs in snapshot.registers for v in regs.values()],
+                         np.uint64)
+    min_count = np.where(flags & int(Flags.NOT_LEAK), 0, 1)
+    scan_ok = (flags & int(Flags.NO_SCAN | Flags.IGNORE)) == 0
+    untag = guest.arch.untag_words
+    result = reach.reachability(ram.data, addresses, ends, min_count, contents, roots,
+                                registers, untag, scan_ok)
+    reportable = (flags & int(Flags.NOT_LEAK | Flags.IGNORE)) == 0
+    white = ~result.gray & reportable
+    src, dst = reach.leak_edges(ram.data, addresses, ends, contents, white, untag)
+    direct = reach.classify(white, src, dst, seqs)
+    states = np.where(white, np.where(direct, "direct leak", "indirect leak"), "referenced")
+    first = {}
+    for o, off in zip(contents.owner.tolist(), contents.offset.tolist()):
+        first.setdefault(o, off)
+    leaks = []
+    for i in np.flatnonzero(white)[np.argsort(seqs[white], kind="stable")].tolist():
+        r = table.get(int(addresses[i]))
+        head = min(r.size, 32)
+        hexdump = ram.data[first[i]:first[i] + head].tobytes() if i in first else b""
+        age = (now_jiffies - r.jiffies) / ticks if now_jiffies >= r.jiffies else 0.0
+        leaks.append(Leak(r.address, r.size, r.comm, r.pid, r.cpu, r.jiffies, age,
+                          "direct" if direct[i] else "indirect",
+                          frames(symbolizer, r.backtrace), hexdump, r.seq,
+                          r.kind.name.lower(), r.cache))
+    return Result(leaks, len(addresses), result.bytes_scanned, snapshot.time, snapshot.paused_s,
+                  time.perf_counter() - started, result.waves, addresses, result.counts,
+                  states.tolist(), contents, roots)
+
+
+def frames(symbolizer: Symbolizer, backtrace) -> tuple[Frame, ...]:
+    """Report frames for return addresses: %pS text, function and module."""
+    out = []
+    for pc in backtrace:
+        sym = symbolizer.table.lookup(pc)
+        if sym is None:
+            out.append(Frame(pc, f"{pc:#x}", None, None))
+        else:
+            out.append(Frame(pc, f"{sym.name}+{pc - sym.address:#x}/{sym.size:#x}",
+                             sym.name, sym.module))
+    return tuple(out)
