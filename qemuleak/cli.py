@@ -44,6 +44,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, metavar="SECONDS",
                    help="how long to trace (default 10; 0: until Ctrl-C)")
     p.add_argument("--top", type=int, default=10, help="call sites to show (default 10)")
+    g = p.add_argument_group(
+        "scan", "With --scan, when tracing ends the guest is frozen (registers and a copy "
+                "of RAM), let run again, and kmemleak's reachability scan runs on the copy: "
+                "objects allocated while tracing that nothing points to are reported, in "
+                "the layout of /sys/kernel/debug/kmemleak. No 5 s grace is needed: the "
+                "guest is frozen and its registers are scanned, so --min-age defaults to 0.")
+    g.add_argument("--scan", action="store_true", help="scan for leaks when tracing ends")
+    g.add_argument("--format", choices=("text", "json", "summary"), default="text",
+                   help="kmemleak text (default), JSON, or leaks grouped by backtrace")
+    g.add_argument("--output", metavar="FILE", help="write the report here (default stdout)")
+    g.add_argument("--suppressions", metavar="FILE",
+                   help="LeakSanitizer-style file: 'leak:PATTERN' lines matched against "
+                        "function and module names in backtraces (* wildcards, ^ $ anchors)")
+    g.add_argument("--module-filter", metavar="NAME",
+                   help="only leaks whose backtrace passes through module NAME")
+    g.add_argument("--min-age", type=float, default=0.0, metavar="SECONDS",
+                   help="only leaks at least this old (guest time; default 0)")
+    g.add_argument("--stack", choices=("on", "off"), default="on",
+                   help="scan task stacks (the live part, above each stack pointer)")
+    g.add_argument("--untracked", choices=("roots", "ignore"), default="roots",
+                   help="memory allocated before tracing began: 'roots' (default) treats "
+                        "it as roots, so nothing it points to is reported; 'ignore' scans "
+                        "only kmemleak's roots (data, bss, per-CPU, modules, stacks), "
+                        "which finds more but reports what only older objects point to")
+    g.add_argument("--dump", metavar="ADDR", type=lambda v: int(v, 0),
+                   help="also print one object's full record, like kmemleak's dump=ADDR")
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser(
@@ -81,8 +107,17 @@ def cmd_info(args) -> int:
 
 def cmd_trace(args) -> int:
     from .trace_cmd import run_trace
+    scan = None
+    if args.scan or args.dump is not None:
+        from .report import Suppressions
+        from .trace_cmd import ScanRequest
+        scan = ScanRequest(args.format, args.output,
+                           Suppressions.load(args.suppressions) if args.suppressions else None,
+                           args.module_filter, args.min_age, args.stack == "on",
+                           args.untracked, args.dump)
     return run_trace(args.target, args.duration, vmlinux=args.vmlinux,
-                     system_map=args.system_map, backend=args.backend, top=args.top)
+                     system_map=args.system_map, backend=args.backend, top=args.top,
+                     scan=scan)
 
 
 def cmd_resume(args) -> int:

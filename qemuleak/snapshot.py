@@ -79,13 +79,18 @@ def freeze(guest) -> Snapshot:
     """Pause the guest, read every vCPU's registers and all of RAM, and let it run
     again if it was running. The copy's buffer is the guest's, reused by the next
     freeze: use one snapshot at a time."""
+    # The buffer is made (and its pages faulted in) before the pause: a fresh
+    # one written for the first time copied at 0.4 GB/s, a touched one at 6 GB/s.
+    size = max(r.offset + r.size for r in guest.mem.ranges)
+    buffer = getattr(guest, "_copy_buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = guest._copy_buffer = np.ones(size, np.uint8)
     start = time.perf_counter()
     with guest.paused():
         stamp = time.time()
         registers = [dict(guest.registers(cpu)) for cpu in range(len(guest.cpus()))]
         copy_start = time.perf_counter()
-        ram = copy_ram(guest.mem, getattr(guest, "_copy_buffer", None))
-        guest._copy_buffer = ram.data
+        ram = copy_ram(guest.mem, buffer)
         copied = time.perf_counter()
     return Snapshot(ram, registers, stamp, time.perf_counter() - start, copied - copy_start)
 

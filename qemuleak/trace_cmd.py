@@ -2,9 +2,11 @@
 is still allocated, grouped by call site. The guest is left running, with no
 breakpoint behind, however tracing ends (time up, Ctrl-C, SIGTERM, an error)."""
 
+import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 from .errors import QemuleakError
 from .guest import Guest
@@ -14,8 +16,23 @@ from .objects import ObjectTable
 from .tracer import Tracer, tracing
 
 
+@dataclass
+class ScanRequest:
+    """What `trace --scan` reports, and how."""
+
+    format: str = "text"                 # text, json, summary
+    output: str | None = None
+    suppressions: object = None          # report.Suppressions
+    module_filter: str | None = None
+    min_age: float = 0.0
+    stack: bool = True
+    untracked: str = "roots"
+    dump: int | None = None
+
+
 def run_trace(target: str, duration: float, vmlinux=None, system_map=None,
-              backend: str = "auto", top: int = 10, out=sys.stdout) -> int:
+              backend: str = "auto", top: int = 10, out=sys.stdout,
+              scan: ScanRequest | None = None) -> int:
     with Guest.connect(target, backend=backend) as guest:
         kernel = Kernel.open(guest, vmlinux=vmlinux, system_map=system_map)
         table = ObjectTable()
@@ -45,8 +62,63 @@ def run_trace(target: str, duration: float, vmlinux=None, system_map=None,
         interrupted = interrupted or tracer.interrupted
         guest.was_running = True          # resume on close: tracing ran it
         symbolizer.refresh()
-        _summary(table, tracer, symbolizer, top, out)
-    return 130 if interrupted else 0
+        if scan is None:
+            _summary(table, tracer, symbolizer, top, out)
+            return 130 if interrupted else 0
+        return scan_and_report(kernel, table, tracer, symbolizer, scan, out)
+
+
+def scan_and_report(kernel, table, tracer, symbolizer, request: ScanRequest, out) -> int:
+    """Freeze, scan, and write the report; 1 if leaks were reported, else 0."""
+    from . import report
+    from .scan import Options, scan
+    from .snapshot import freeze
+    print("qemuleak: freezing the guest and scanning", file=sys.stderr, flush=True)
+    result = scan(kernel, table, freeze(kernel.guest),
+                  Options(stack=request.stack, untracked=request.untracked),
+                  symbolizer, tracer.freed)
+    leaks, suppressed = report.filter_leaks(result.leaks, suppressions=request.suppressions,
+                                            module=request.module_filter,
+                                            min_age=request.min_age)
+    print(f"qemuleak: scanned {result.bytes_scanned / 1e6:.0f} MB, {result.objects} objects "
+          f"in {result.duration_s:.2f} s (guest paused {result.paused_s:.2f} s): "
+          f"{len(leaks)} leaks, {suppressed} suppressed", file=sys.stderr, flush=True)
+    if request.format == "json":
+        text = report.json_text([report.Scan("trace", result.time, result.objects,
+                                             result.bytes_scanned, leaks, suppressed,
+                                             result.paused_s, result.duration_s)])
+    elif request.format == "summary":
+        text = report.format_summary(leaks, suppressed)
+    else:
+        text = report.format_text(leaks)
+    if request.dump is not None:
+        text += _dump(table, result, symbolizer, request.dump)
+    _write(text, request.output, out)
+    return 1 if leaks else 0
+
+
+def _dump(table, result, symbolizer, address: int) -> str:
+    from . import report
+    from .scan import frames
+    r = table.find(address)
+    state = result.state_of(r.address) if r is not None else None
+    if r is None or state is None:
+        return f"qemuleak: no tracked object contains {address:#x}\n"
+    leak = report.Leak(r.address, r.size, r.comm, r.pid, r.cpu, r.jiffies, 0.0,
+                       state[0].split()[0], frames(symbolizer, r.backtrace), b"", r.seq,
+                       r.kind.name.lower(), r.cache)
+    return report.format_dump(leak, count=state[1], min_count=1, flags=f"{int(r.flags):#x}")
+
+
+def _write(text: str, path: str | None, out) -> None:
+    """To `path` atomically (a rename), else to `out`."""
+    if path is None:
+        out.write(text)
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def unwinding(kernel, symbolizer: Symbolizer | None = None) -> dict:

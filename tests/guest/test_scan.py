@@ -2,6 +2,9 @@
 objects not reported, an idle guest clean, reports in every format."""
 
 import json
+import signal
+import subprocess
+import sys
 import time
 
 import jsonschema
@@ -166,3 +169,41 @@ def test_idle_guest_scanned_repeatedly_reports_nothing(session, arch):
         result = s.scan()
         assert result.objects > 0
         assert result.leaks == [], report.format_text(result.leaks)
+
+
+def test_trace_scan_command(boot, guest_image, tmp_path):
+    """`qemuleak trace --scan` on a guest QEMU runs on its own: Ctrl-C ends tracing,
+    the scan runs, a JSON report with leaky's leaks (one suppressed), exit code 1."""
+    vm = boot(modules=("leaky",))
+    out = tmp_path / "report.json"
+    supp = tmp_path / "supp"
+    supp.write_text("# allocated right after dump_stack(), on purpose\nleak:backtrace_a*\n")
+    p = subprocess.Popen([sys.executable, "-m", "qemuleak.cli", "trace", vm.gdb_target,
+                          "--system-map", str(guest_image.system_map), "--duration", "0",
+                          "--scan", "--format", "json", "--output", str(out),
+                          "--module-filter", "leaky", "--untracked", "ignore",
+                          "--suppressions", str(supp)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = ""
+    while "tracing" not in err:
+        err += p.stderr.readline()
+    vm.send_line("insmod /modules/leaky.ko")
+    deadline = time.monotonic() + 120
+    while "leaky: ready" not in vm.console_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    p.send_signal(signal.SIGINT)
+    _, rest = p.communicate(timeout=120)
+    assert "Traceback" not in rest, rest
+    assert p.returncode == 1, rest
+    doc = json.loads(out.read_text())
+    jsonschema.validate(doc, report.JSON_SCHEMA)
+    scan_doc = doc["scans"][0]
+    objs = parse_objects(vm.console_text())
+    found = {int(leak["address"], 16) for leak in scan_doc["leaks"]}
+    assert {objs[n].address for n in ("kmalloc_leak", "cache_leak", "list_head")} <= found
+    assert objs["backtrace_leak"].address not in found
+    assert scan_doc["suppressed"] >= 1
+    assert all(leak["module"] == "leaky" for leak in scan_doc["leaks"])
+    guest = [leak for leak in scan_doc["leaks"] if int(leak["address"], 16) == objs["list_head"].address]
+    assert guest[0]["kind"] == "direct" and guest[0]["size"] == objs["list_head"].size
