@@ -135,9 +135,11 @@ def _object_contents(kernel, ram, addresses, sizes, kinds, cpus) -> Segments:
 
 
 def _stack_spans(kernel, snapshot: Snapshot, stack_on: bool):
-    """(live, dead) stack spans (start, size): the part of each task stack in use
-    (from its stack pointer up), and what is garbage (below it; whole stacks with
-    stack=off, and stacks cached for reuse after their task exited)."""
+    """(live, dead, cached): stack spans (start, size) in use (from each task's
+    stack pointer up) and garbage (below it; whole stacks with stack=off, and
+    stacks cached for reuse after their task exited), and the cached stacks'
+    addresses: the cache holds their vm_struct, whose pointer the scan masks, so
+    they are referenced explicitly."""
     size = tasks.thread_size(kernel)
     arch = kernel.guest.arch
     running: dict[int, int] = {}
@@ -146,7 +148,7 @@ def _stack_spans(kernel, snapshot: Snapshot, stack_on: bool):
             running[tasks.current_task(kernel, cpu)] = regs[arch.sp_reg]
         except QemuleakError:
             continue
-    live, dead = [], []
+    live, dead, cached = [], [], []
     for t in tasks.for_each_thread(kernel):
         base = tasks.stack(kernel, t.address)
         if not base:
@@ -169,8 +171,9 @@ def _stack_spans(kernel, snapshot: Snapshot, stack_on: bool):
             for i in range(n):
                 vm = kernel.read_u64(at + 8 * i)
                 if vm:
-                    dead.append((kernel.read_u64(vm + addr_off), size))
-    return live, dead
+                    cached.append(kernel.read_u64(vm + addr_off))
+                    dead.append((cached[-1], size))
+    return live, dead, cached
 
 
 def _kernel_roots(kernel, live_stacks) -> list[tuple[int, int]]:
@@ -281,7 +284,7 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
     with guest_frozen(guest, snapshot):
         cpus = percpu.possible_cpus(kernel)
         contents = _object_contents(kernel, ram, addresses, sizes, kinds, cpus)
-        live, dead = _stack_spans(kernel, snapshot, options.stack)
+        live, dead, cached = _stack_spans(kernel, snapshot, options.stack)
         meta = allocator_words(kernel)
         ends = addresses + sizes
         if options.untracked == "roots":
@@ -301,8 +304,8 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
         symbolizer.refresh()
     _zero(ram, cleaned)
     _zero(ram, stale)
-    registers = np.array([v & (2**64 - 1) for regs in snapshot.registers for v in regs.values()],
-                         np.uint64)
+    registers = np.array([v & (2**64 - 1) for regs in snapshot.registers for v in regs.values()]
+                         + cached, np.uint64)
     min_count = np.where(flags & int(Flags.NOT_LEAK), 0, 1)
     scan_ok = (flags & int(Flags.NO_SCAN | Flags.IGNORE)) == 0
     untag = guest.arch.untag_words
