@@ -223,33 +223,83 @@ def leak_edges(ram: np.ndarray, starts, ends, contents: Segments, white: np.ndar
 def classify(white: np.ndarray, src: np.ndarray, dst: np.ndarray,
              order: np.ndarray) -> np.ndarray:
     """Direct (True) or indirect (False) for each white object, LeakSanitizer style:
-    indirect objects are reachable from other leaks. In a cycle of leaks with no
-    way in, the oldest (smallest `order`) is the direct one."""
+    indirect objects are reachable from other leaks. Leaks that reach each other
+    (a cycle) form one group; a group nothing outside it points to has one direct
+    leak, its oldest (smallest `order`)."""
     direct = np.zeros(len(white), bool)
-    leaks = np.flatnonzero(white)
-    if not len(leaks):
+    leaks = np.flatnonzero(white).tolist()
+    if not leaks:
         return direct
-    incoming = np.bincount(dst, minlength=len(white)) if len(dst) else np.zeros(len(white), np.int64)
     succ: dict[int, list[int]] = {}
     for s, d in zip(src.tolist(), dst.tolist()):
-        succ.setdefault(s, []).append(d)
-    seen = np.zeros(len(white), bool)
-
-    def visit(root: int) -> None:
-        direct[root] = True
-        stack = [root]
-        seen[root] = True
-        while stack:
-            for d in succ.get(stack.pop(), ()):
-                if not seen[d]:
-                    seen[d] = True
-                    stack.append(d)
-                elif d != root:
-                    direct[d] = False     # an earlier pick is reachable from this leak
-    for i in leaks[incoming[leaks] == 0].tolist():
-        visit(i)
-    rest = leaks[~seen[leaks]]
-    for i in rest[np.argsort(order[rest], kind="stable")].tolist():
-        if not seen[i]:
-            visit(i)
+        if s != d:
+            succ.setdefault(s, []).append(d)
+    group = _strongly_connected(leaks, succ)
+    entered = {group[d] for s, ds in succ.items() for d in ds if group[s] != group[d]}
+    oldest: dict[int, int] = {}
+    for i in leaks:
+        g = group[i]
+        if g not in entered and (g not in oldest or order[i] < order[oldest[g]]):
+            oldest[g] = i
+    direct[list(oldest.values())] = True
     return direct
+
+
+def _strongly_connected(nodes: list[int], succ: dict[int, list[int]]) -> dict[int, int]:
+    """Tarjan's algorithm, iterative: node -> its component's number."""
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    group: dict[int, int] = {}
+    stack: list[int] = []
+    on_stack: set[int] = set()
+    for root in nodes:
+        if root in index:
+            continue
+        work = [(root, 0)]
+        while work:
+            v, i = work.pop()
+            if i == 0:
+                index[v] = low[v] = len(index)
+                stack.append(v)
+                on_stack.add(v)
+            out = succ.get(v, ())
+            if i < len(out):
+                work.append((v, i + 1))
+                w = out[i]
+                if w not in index:
+                    work.append((w, 0))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            if low[v] == index[v]:
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    group[w] = v
+                    if w == v:
+                        break
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[v])
+    return group
+
+
+def referrers(ram: np.ndarray, start: int, end: int, contents: Segments, roots: Segments,
+              root_words: np.ndarray = np.zeros(0, U64), untag=None) -> list[tuple[int, int]]:
+    """Every word pointing into [start, end): (owner, byte offset in `ram`) for
+    words in objects' contents (owner = object index) and in roots (owner -1),
+    and (-2, index) for `root_words`. For explaining why an object is kept."""
+    matcher = Matcher(np.array([start], U64), np.array([end], U64))
+    ram64 = ram[:len(ram) // 8 * 8].view("<u8")
+    untag = untag or (lambda w: w)
+    out = set()
+    for segments in (contents, roots):
+        for words, owners, where in _words(ram64, segments):
+            pos, _ = matcher.match(untag(words))
+            at = (where + pos if isinstance(where, int) else where[pos]) * 8
+            out.update(zip(owners[pos].tolist(), at.tolist()))
+    pos, _ = matcher.match(untag(np.asarray(root_words, U64)))
+    out.update((-2, p) for p in pos.tolist())
+    # a root word inside an object's contents is that object's, not a root
+    inside = {at for owner, at in out if owner >= 0}
+    return sorted((o, at) for o, at in out if o >= 0 or o == -2 or at not in inside)

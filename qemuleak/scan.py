@@ -61,6 +61,12 @@ class Result:
     states: list = field(repr=False, default=None)
     contents: Segments = field(repr=False, default=None)
     roots: Segments = field(repr=False, default=None)
+    ram: RamCopy = field(repr=False, default=None)       # valid until the next freeze
+    root_words: np.ndarray = field(repr=False, default=None)
+    untag: object = field(repr=False, default=None)
+    _ends: np.ndarray = field(repr=False, default=None)
+    _named: Segments = field(repr=False, default=None)     # owner: index in _names
+    _names: list = field(repr=False, default=None)
 
     def state_of(self, address: int) -> tuple[str, int] | None:
         """("direct leak" | "indirect leak" | "referenced", references found) of the
@@ -69,6 +75,31 @@ class Result:
         if i < len(self.addresses) and int(self.addresses[i]) == address:
             return self.states[i], int(self.counts[i])
         return None
+
+    def why(self, address: int) -> list[str]:
+        """Where the words pointing into the object at `address` are: in which
+        object (and its state), in a root, or in a register. One line each."""
+        i = int(np.searchsorted(self.addresses, np.uint64(address)))
+        if i >= len(self.addresses) or int(self.addresses[i]) != address:
+            return [f"{address:#x} is no tracked object"]
+        end = address + max(int(self._ends[i] - self.addresses[i]), 1)
+        out = []
+        for owner, at in reach.referrers(self.ram.data, address, end, self.contents,
+                                         self.roots, self.root_words, self.untag):
+            if owner == -2:
+                out.append("a vCPU register or a cached stack")
+            elif owner == -1:
+                out.append(f"{self._root_name(at)}, word at guest physical "
+                           f"{int(self.ram.gpas([at])[0]):#x}")
+            elif owner != i:
+                out.append(f"{self.states[owner]} object {int(self.addresses[owner]):#x} "
+                           f"(word at guest physical {int(self.ram.gpas([at])[0]):#x})")
+        return out
+
+    def _root_name(self, at: int) -> str:
+        n = self._named
+        hit = np.flatnonzero((n.offset <= at) & (at < n.offset + n.length))
+        return self._names[int(n.owner[hit[0]])] if len(hit) else "untracked memory"
 
 
 def to_ram(kernel, ram: RamCopy, owner, va, length) -> Segments:
@@ -135,8 +166,8 @@ def _object_contents(kernel, ram, addresses, sizes, kinds, cpus) -> Segments:
 
 
 def _stack_spans(kernel, snapshot: Snapshot, stack_on: bool):
-    """(live, dead, cached): stack spans (start, size) in use (from each task's
-    stack pointer up) and garbage (below it; whole stacks with stack=off, and
+    """(live, dead, cached): stack spans (start, size, label) in use (from each
+    task's stack pointer up), (start, size) and garbage (below it; whole stacks with stack=off, and
     stacks cached for reuse after their task exited), and the cached stacks'
     addresses: the cache holds their vm_struct, whose pointer the scan masks, so
     they are referenced explicitly."""
@@ -161,7 +192,7 @@ def _stack_spans(kernel, snapshot: Snapshot, stack_on: bool):
         if not stack_on:
             sp = base + size
         dead.append((base, sp - base))
-        live.append((sp, base + size - sp))
+        live.append((sp, base + size - sp, f"stack of {t.comm} [{t.pid}]"))
     if kernel.symbols.get("cached_stacks") is not None:
         addr_off = kernel.types.offsetof("struct vm_struct", "addr")
         sym = kernel.symbols.lookup(kernel.sym("cached_stacks"))
@@ -176,24 +207,26 @@ def _stack_spans(kernel, snapshot: Snapshot, stack_on: bool):
     return live, dead, cached
 
 
-def _kernel_roots(kernel, live_stacks) -> list[tuple[int, int]]:
-    """kmemleak's roots, as (start, size) of kernel virtual memory."""
+def _kernel_roots(kernel, live_stacks) -> list[tuple[int, int, str]]:
+    """kmemleak's roots, as (start, size, what) of kernel virtual memory."""
     sym = kernel.symbols.get
     out = []
-    for lo, hi in (("_sdata", "_edata"), ("__bss_start", "__bss_stop"),
-                   ("__start_ro_after_init", "__end_ro_after_init")):
+    for lo, hi, what in (("_sdata", "_edata", "kernel .data"),
+                         ("__bss_start", "__bss_stop", "kernel .bss"),
+                         ("__start_ro_after_init", "__end_ro_after_init", "ro_after_init")):
         if sym(lo) is not None and sym(hi) is not None:
-            out.append((sym(lo), sym(hi) - sym(lo)))
+            out.append((sym(lo), sym(hi) - sym(lo), what))
     if not out:
         raise QemuleakError("the kernel's data and bss sections are unknown",
                             "pass --vmlinux or --system-map")
-    out += percpu.static_areas(kernel)
     cpus = percpu.possible_cpus(kernel)
+    out += [(s, n, f"static per-CPU area of CPU {c}")
+            for c, (s, n) in zip(cpus, percpu.static_areas(kernel))]
     for m in for_each_module(kernel):
-        out += m.regions
+        out += [(s, n, f"module {m.name}") for s, n in m.regions]
         if m.percpu and m.percpu_size:
-            out += [((m.percpu + kernel.percpu_offset(c)) & (2**64 - 1), m.percpu_size)
-                    for c in cpus]
+            out += [((m.percpu + kernel.percpu_offset(c)) & (2**64 - 1), m.percpu_size,
+                     f"per-CPU area of module {m.name}, CPU {c}") for c in cpus]
     return out + list(live_stacks)
 
 
@@ -287,14 +320,15 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
         live, dead, cached = _stack_spans(kernel, snapshot, options.stack)
         meta = allocator_words(kernel)
         ends = addresses + sizes
+        spans = _kernel_roots(kernel, live)
+        named = to_ram(kernel, ram, np.arange(len(spans)), [s for s, _, _ in spans],
+                       [n for _, n, _ in spans])
         if options.untracked == "roots":
             pages = mm.Pages(kernel, ram.ranges)
             roots = _allocated_ram(ram, pages)
             stale = _freed_slab_objects(kernel, ram, pages, freed or {}, addresses, ends)
         else:
-            spans = _kernel_roots(kernel, live)
-            roots = to_ram(kernel, ram, np.full(len(spans), -1), [s for s, _ in spans],
-                           [n for _, n in spans])
+            roots = Segments(np.full(len(named), -1), named.offset, named.length)
             stale = Segments.empty()
         cleaned = to_ram(kernel, ram, np.full(len(dead) + len(meta), -1),
                          [s for s, _ in dead] + meta, [n for _, n in dead] + [8] * len(meta))
@@ -331,17 +365,19 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
                           r.kind.name.lower(), r.cache))
     return Result(leaks, len(addresses), result.bytes_scanned, snapshot.time, snapshot.paused_s,
                   time.perf_counter() - started, result.waves, addresses, result.counts,
-                  states.tolist(), contents, roots)
+                  states.tolist(), contents, roots, ram, registers, untag, ends, named,
+                  [w for _, _, w in spans])
 
 
 def frames(symbolizer: Symbolizer, backtrace) -> tuple[Frame, ...]:
     """Report frames for return addresses: %pS text, function and module."""
     out = []
-    for pc in backtrace:
+    for i, pc in enumerate(backtrace):
         sym = symbolizer.table.lookup(pc)
+        source = symbolizer.source(pc, return_address=i > 0)   # the first is the entry PC
         if sym is None:
-            out.append(Frame(pc, f"{pc:#x}", None, None))
+            out.append(Frame(pc, f"{pc:#x}", None, None, source))
         else:
             out.append(Frame(pc, f"{sym.name}+{pc - sym.address:#x}/{sym.size:#x}",
-                             sym.name, sym.module))
+                             sym.name, sym.module, source))
     return tuple(out)
