@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +17,8 @@ from qemuleak.errors import QemuleakError
 
 __all__ = [
     "Frame", "JSON_SCHEMA", "Leak", "Reporter", "Scan", "Suppressions", "filter_leaks",
-    "format_dump", "format_leak", "format_summary", "format_text", "hex_dump_lines",
-    "json_text", "to_json",
+    "format_dump", "format_leak", "format_summary", "format_text", "group_by_backtrace",
+    "hex_dump_lines", "json_text", "to_json",
 ]
 
 _HEX_ROW = 16            # kmemleak HEX_ROW_SIZE
@@ -152,16 +152,24 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def group_by_backtrace(leaks: Iterable[Leak],
+                       key: Callable[[Frame], Hashable] = lambda f: f.address,
+                       ) -> list[list[Leak]]:
+    """Leaks whose backtraces match frame by frame (compared by `key`: the address unless
+    told), biggest group (bytes, then count) first; ties keep first-seen order."""
+    groups: dict[tuple[Hashable, ...], list[Leak]] = {}
+    for leak in leaks:
+        groups.setdefault(tuple(key(f) for f in leak.backtrace), []).append(leak)
+    # sorted() is stable: ties keep first-seen order, so output is deterministic
+    return sorted(groups.values(),
+                  key=lambda g: (sum(x.size for x in g), len(g)), reverse=True)
+
+
 def format_summary(leaks: Iterable[Leak], suppressed: int = 0) -> str:
     """Leaks grouped by backtrace, biggest first, and a LeakSanitizer-style SUMMARY line."""
-    groups: dict[tuple[int, ...], list[Leak]] = {}
-    for leak in leaks:
-        groups.setdefault(tuple(f.address for f in leak.backtrace), []).append(leak)
-    if not groups:
+    ordered = group_by_backtrace(leaks)
+    if not ordered:
         return "SUMMARY: no leaks" + (f"; {suppressed} suppressed" if suppressed else "") + "\n"
-    # sorted() is stable: ties keep first-seen order, so output is deterministic
-    ordered = sorted(groups.values(),
-                     key=lambda g: (sum(x.size for x in g), len(g)), reverse=True)
     out = []
     for group in ordered:
         first = group[0]
