@@ -51,26 +51,72 @@ def build_parser() -> argparse.ArgumentParser:
                 "the layout of /sys/kernel/debug/kmemleak. No 5 s grace is needed: the "
                 "guest is frozen and its registers are scanned, so --min-age defaults to 0.")
     g.add_argument("--scan", action="store_true", help="scan for leaks when tracing ends")
-    g.add_argument("--format", choices=("text", "json", "summary"), default="text",
-                   help="kmemleak text (default), JSON, or leaks grouped by backtrace")
-    g.add_argument("--output", metavar="FILE", help="write the report here (default stdout)")
-    g.add_argument("--suppressions", metavar="FILE",
-                   help="LeakSanitizer-style file: 'leak:PATTERN' lines matched against "
-                        "function and module names in backtraces (* wildcards, ^ $ anchors)")
-    g.add_argument("--module-filter", metavar="NAME",
-                   help="only leaks whose backtrace passes through module NAME")
-    g.add_argument("--min-age", type=float, default=0.0, metavar="SECONDS",
-                   help="only leaks at least this old (guest time; default 0)")
-    g.add_argument("--stack", choices=("on", "off"), default="on",
-                   help="scan task stacks (the live part, above each stack pointer)")
-    g.add_argument("--untracked", choices=("roots", "ignore"), default="roots",
-                   help="memory allocated before tracing began: 'roots' (default) treats "
-                        "it as roots, so nothing it points to is reported; 'ignore' scans "
-                        "only kmemleak's roots (data, bss, per-CPU, modules, stacks), "
-                        "which finds more but reports what only older objects point to")
+    add_report_args(g)
     g.add_argument("--dump", metavar="ADDR", type=lambda v: int(v, 0),
                    help="also print one object's full record, like kmemleak's dump=ADDR")
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser(
+        "attach", help="trace a running guest and scan it for leaks until Ctrl-C",
+        description="Attach to a running QEMU (started with -s or -gdb), trace every "
+                    "allocation and free from now on, and scan for leaks every "
+                    "--scan-interval seconds and on request through --control (see "
+                    "`qemuleak ctl`). Ctrl-C or SIGTERM: a final scan is written, every "
+                    "breakpoint removed, and the guest runs on. Objects allocated before "
+                    "attaching are not reported (they are roots unless --untracked ignore). "
+                    "Exit code: 0 no leaks, 1 leaks, 2 error.")
+    add_target_args(p)
+    p.add_argument("--scan-interval", type=float, default=600.0, metavar="SECONDS",
+                   help="scan this often (default 600, like kmemleak; 0: only on request "
+                        "and at the end)")
+    p.add_argument("--control", metavar="PATH",
+                   help="control socket (mode 0600) for `qemuleak ctl PATH COMMAND`")
+    add_report_args(p)
+    p.set_defaults(func=cmd_attach)
+
+    p = sub.add_parser(
+        "run", help="boot a guest, run commands in it, report leaks (for CI)",
+        description="Boot a guest under QEMU, attach and trace before the workload, run "
+                    "the commands in the guest's console shell (sh -e: the first failing "
+                    "command fails the run), scan whenever the guest runs `qemuleak-scan "
+                    "[LABEL]` and once more (label 'final') when the commands are done, "
+                    "then shut the guest down. Exit code: 0 no leaks, 1 leaks, 2 error "
+                    "(guest panic, timeout, a failing guest command, bad input).")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("-c", dest="commands", metavar="'GUEST COMMANDS'",
+                      help="shell commands to run in the guest")
+    what.add_argument("--script", metavar="FILE", help="a shell script to run in the guest")
+    p.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64")
+    p.add_argument("--kernel", metavar="IMAGE",
+                   help="kernel image (default: the one `make images` builds for --arch)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--vmlinux", metavar="FILE", help="the kernel's vmlinux")
+    sym.add_argument("--system-map", metavar="FILE", help="the kernel's System.map")
+    p.add_argument("--initrd", metavar="FILE",
+                   help="initramfs with a shell on the serial console (default: the "
+                        "busybox one `make images` builds); qemuleak appends its files")
+    p.add_argument("--module", action="append", default=[], metavar="F.ko",
+                   help="copy into the guest as /modules/NAME.ko (repeatable)")
+    p.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
+    p.add_argument("--memory", type=int, default=512, metavar="MiB", help="guest RAM (512)")
+    p.add_argument("--smp", type=int, default=2, metavar="N", help="vCPUs (2)")
+    p.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="boot plus commands must end within this (default 600)")
+    p.add_argument("--console", metavar="FILE", help="write the guest's whole console log here")
+    add_report_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "ctl", help="send a command to a running `qemuleak attach --control PATH`",
+        description="Commands, as kmemleak's debugfs file takes them: 'scan [LABEL]' (waits "
+                    "for the scan and prints its summary), 'clear' (forget the leaks "
+                    "reported so far), 'dump=ADDR', 'stack=on|off', 'scan=SECS' (periodic "
+                    "scan interval), 'scan=off', 'report' (the report so far), 'off' "
+                    "(final scan, detach).")
+    p.add_argument("path", metavar="PATH", help="the control socket")
+    p.add_argument("command", metavar="COMMAND", nargs="+")
+    p.set_defaults(func=cmd_ctl)
 
     p = sub.add_parser(
         "resume", help="let a guest run that a killed debugger left stopped",
@@ -97,6 +143,33 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                         "here and may be read, else the gdbstub)")
 
 
+def add_report_args(p) -> None:
+    """What a scan covers and how it is reported: shared by trace, attach and run."""
+    from .formats import FORMATS
+    p.add_argument("--format", choices=FORMATS, default="text",
+                   help="kmemleak text (default), summary (grouped by backtrace), json, "
+                        "sarif (2.1.0, for code scanning) or junit (one test case per scan)")
+    p.add_argument("--output", metavar="FILE",
+                   help="write the report here (rewritten atomically after every scan, "
+                        "so it is always whole); default stdout")
+    p.add_argument("--suppressions", metavar="FILE",
+                   help="LeakSanitizer-style file: 'leak:PATTERN' lines matched against "
+                        "function and module names in backtraces (* wildcards, ^ $ anchors)")
+    p.add_argument("--module-filter", metavar="NAME",
+                   help="only leaks whose backtrace passes through module NAME")
+    p.add_argument("--min-age", type=float, default=0.0, metavar="SECONDS",
+                   help="only leaks at least this old (guest time; default 0: the guest is "
+                        "frozen and its registers scanned, so kmemleak's 5 s grace is not "
+                        "needed)")
+    p.add_argument("--stack", choices=("on", "off"), default="on",
+                   help="scan task stacks (the live part, above each stack pointer)")
+    p.add_argument("--untracked", choices=("roots", "ignore"), default="roots",
+                   help="memory allocated before tracing began: 'roots' (default) treats "
+                        "it as roots, so nothing it points to is reported; 'ignore' scans "
+                        "only kmemleak's roots (data, bss, per-CPU, modules, stacks), "
+                        "which finds more but reports what only older objects point to")
+
+
 def cmd_info(args) -> int:
     from .info import describe, format_text, to_json
     d = describe(args.target, vmlinux=args.vmlinux, system_map=args.system_map,
@@ -107,17 +180,41 @@ def cmd_info(args) -> int:
 
 def cmd_trace(args) -> int:
     from .trace_cmd import run_trace
-    scan = None
-    if args.scan or args.dump is not None:
-        from .report import Suppressions
-        from .trace_cmd import ScanRequest
-        scan = ScanRequest(args.format, args.output,
-                           Suppressions.load(args.suppressions) if args.suppressions else None,
-                           args.module_filter, args.min_age, args.stack == "on",
-                           args.untracked, args.dump)
     return run_trace(args.target, args.duration, vmlinux=args.vmlinux,
                      system_map=args.system_map, backend=args.backend, top=args.top,
-                     scan=scan)
+                     scan=report_options(args) if args.scan else None, dump=args.dump)
+
+
+def report_options(args):
+    """ReportOptions from the scan/report arguments every command shares."""
+    from .report import Suppressions
+    from .session import ReportOptions
+    return ReportOptions(args.format, args.output,
+                         Suppressions.load(args.suppressions) if args.suppressions else None,
+                         args.module_filter, args.min_age, args.stack == "on",
+                         getattr(args, "untracked", "roots"))
+
+
+def cmd_attach(args) -> int:
+    from .attach_cmd import attach
+    return attach(args.target, report_options(args), args.scan_interval, args.control,
+                  vmlinux=args.vmlinux, system_map=args.system_map, backend=args.backend)
+
+
+def cmd_run(args) -> int:
+    from pathlib import Path
+    from .run_cmd import RunOptions, read_script, run
+    path = lambda v: Path(v) if v else None      # noqa: E731
+    opts = RunOptions(args.commands if args.commands is not None else read_script(args.script),
+                      args.arch, path(args.kernel), path(args.vmlinux), path(args.system_map),
+                      path(args.initrd), [Path(m) for m in args.module], args.append,
+                      args.memory, args.smp, args.accel, args.timeout, path(args.console))
+    return run(opts, report_options(args))
+
+
+def cmd_ctl(args) -> int:
+    from .control import ctl_main
+    return ctl_main(args.path, " ".join(args.command))
 
 
 def cmd_resume(args) -> int:

@@ -94,7 +94,7 @@ class Guest:
         if self.rsp is None:
             return
         try:
-            if resume if resume is not None else self.was_running:
+            if (resume if resume is not None else self.was_running) and self.rsp.usable:
                 if not self.rsp.running:
                     self.rsp.remove_all_breakpoints()
                     self._resume_for_good()
@@ -129,8 +129,12 @@ class Guest:
     def __enter__(self) -> "Guest":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, value, tb) -> None:
+        try:
+            self.close()
+        except QemuleakError:
+            if kind is None:        # never hide the error that is already on its way
+                raise
 
     # -- running and stopping -------------------------------------------------
     @property

@@ -38,7 +38,7 @@ from qemuleak.launch import VM, VMConfig  # noqa: E402
 from qemuleak.objects import ObjectTable  # noqa: E402
 from qemuleak.scan import Options, scan  # noqa: E402
 from qemuleak.snapshot import freeze  # noqa: E402
-from qemuleak.trace_cmd import unwinding  # noqa: E402
+from qemuleak.session import unwinding  # noqa: E402
 from qemuleak.tracer import Tracer, tracing  # noqa: E402
 
 GB = 1e9

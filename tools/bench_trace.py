@@ -26,7 +26,7 @@ from qemuleak.images import find_image  # noqa: E402
 from qemuleak.kernel.kernel import Kernel  # noqa: E402
 from qemuleak.launch import VM, VMConfig  # noqa: E402
 from qemuleak.objects import ObjectTable  # noqa: E402
-from qemuleak.trace_cmd import unwinding  # noqa: E402
+from qemuleak.session import unwinding  # noqa: E402
 from qemuleak.tracer import Tracer, tracing  # noqa: E402
 
 FREE_ARG = {"kfree": "rdi", "vfree": "rdi", "kmem_cache_free": "rsi"}

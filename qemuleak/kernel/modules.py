@@ -168,10 +168,15 @@ class Symbolizer:
     code may still sit in backtraces recorded earlier. Call `refresh` with the
     guest stopped, e.g. when a module loads."""
 
-    def __init__(self, kernel, modules: list[Module] | None = None):
+    def __init__(self, kernel, modules: list[Module] | None = None, debug_files=()):
+        """`debug_files`: .ko files with DWARF for modules the guest loads (source
+        lines for their frames; the kernel's come from the vmlinux, if given)."""
         self.kernel = kernel
+        self.debug_files = list(debug_files)
         self._tables: dict[tuple[str, int], SymbolTable] = {}
         self._merged: SymbolTable | None = None
+        self._program = None                      # drgn, made on first use
+        self._sources: dict[int, str | None] = {}
         self.refresh(modules)
 
     def refresh(self, modules: list[Module] | None = None) -> None:
@@ -181,6 +186,27 @@ class Symbolizer:
             if key not in self._tables:           # the first read has the init symbols
                 self._tables[key] = module_symbols(self.kernel, m)
                 self._merged = None
+                self._program = None              # drgn learns modules when made
+
+    def source(self, pc: int, return_address: bool = True) -> str | None:
+        """"file:line" of the code at `pc` (for a return address, of the call just
+        before it) in the function the symbol names (not in what was inlined into
+        it), from DWARF: needs the kernel opened with its vmlinux. None when unknown."""
+        key = pc - 1 if return_address else pc
+        if key in self._sources:
+            return self._sources[key]
+        if self.kernel.vmlinux is None:
+            return None
+        import drgn
+        try:
+            if self._program is None:
+                self._program = self.kernel.drgn_program(self.debug_files)
+            loc = self._program.source_location(key)[-1]    # the frame's own function
+            text = f"{loc.filename}:{loc.line}" if loc.filename and loc.line else None
+        except (LookupError, ValueError, drgn.FaultError):
+            text = None
+        self._sources[key] = text
+        return text
 
     @property
     def table(self) -> SymbolTable:

@@ -14,7 +14,7 @@ from qemuleak.guest import Guest
 from qemuleak.kernel.kernel import Kernel
 from qemuleak.kernel.modules import Symbolizer
 from qemuleak.objects import Flags, Kind, ObjectTable
-from qemuleak.trace_cmd import unwinding
+from qemuleak.session import unwinding
 from qemuleak.tracer import Tracer, tracing
 from tests.groundtruth import LEAKY_SIZES, parse_objects
 

@@ -1,0 +1,169 @@
+"""The user-facing workflows end to end, as a user runs them: `qemuleak run`
+booting real guests (exit codes 0/1/2, every report format, filters), and
+`qemuleak attach` + `qemuleak ctl` on a QEMU started on its own."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from tests import sarif
+from tests.conftest import guest_image_for
+from tests.groundtruth import parse_objects
+from qemuleak import report
+
+CLI = [sys.executable, "-m", "qemuleak.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def qemuleak(*args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def leaky_run(arch, tmp_path, fmt, *extra):
+    """`qemuleak run` loading leaky, a scan labelled 'loaded', then rmmod."""
+    image = guest_image_for(arch)
+    out = tmp_path / f"report.{fmt}"
+    console = tmp_path / "console.log"
+    p = qemuleak("run", "--arch", arch, "--module", image.module("leaky"),
+                 "-c", "insmod /modules/leaky.ko; qemuleak-scan loaded; rmmod leaky",
+                 "--format", fmt, "--output", out, "--console", console,
+                 "--untracked", "ignore", "--module-filter", "leaky", *extra)
+    assert "Traceback" not in p.stderr, p.stderr
+    return p, out, parse_objects(console.read_text())
+
+
+def test_run_leaky_sarif_with_suppressions(tmp_path):
+    supp = tmp_path / "supp"
+    supp.write_text("leak:backtrace_a*\n")
+    image = guest_image_for("x86_64")
+    p, out, objs = leaky_run("x86_64", tmp_path, "sarif", "--suppressions", supp,
+                             "--vmlinux", image.vmlinux)
+    assert p.returncode == 1, p.stderr
+    assert "scan loaded:" in p.stderr and "scan final:" in p.stderr, p.stderr
+    doc = json.loads(out.read_text())
+    sarif.validator().validate(doc)
+    results = doc["runs"][0]["results"]
+    addresses = {a for r in results for a in r["properties"]["addresses"]}
+    # leaky's own cache held nothing before: no stale word can hide cache_leak
+    assert f"{objs['cache_leak'].address:#x}" in addresses, results
+    assert f"{objs['backtrace_leak'].address:#x}" not in addresses      # suppressed
+    assert f"{objs['bss_kept'].address:#x}" not in addresses
+    # module filter: every result's backtrace passes through leaky
+    assert all(any(f["module"] == "leaky" for f in r["stacks"][0]["frames"]) for r in results)
+    # located at leaky's source line (DWARF of the vmlinux and of leaky.ko)
+    source = (ROOT / "images/modules/leaky/leaky.c").read_text().splitlines()
+    line = next(i + 1 for i, text in enumerate(source) if "kmem_cache_alloc(" in text)
+    cache = next(r for r in results if f"{objs['cache_leak'].address:#x}" in r["properties"]["addresses"])
+    where = cache["locations"][0]["physicalLocation"]
+    assert where["artifactLocation"]["uri"].endswith("/leaky.c"), where
+    assert where["region"]["startLine"] == line, where
+    # exit_leak is made by module exit (rmmod): reported by the final scan
+    assert f"{objs['exit_leak'].address:#x}" in addresses
+
+
+def test_run_leaky_junit(tmp_path, arch):
+    p, out, objs = leaky_run(arch, tmp_path, "junit")
+    assert p.returncode == 1, p.stderr
+    suite = ET.parse(out).getroot()
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert set(cases) == {"loaded", "final"}
+    failure = cases["loaded"].find("failure")
+    assert failure is not None
+    assert f"unreferenced object {objs['cache_leak'].address:#010x}" in failure.text
+
+
+def test_run_json_clean_guest_exits_0(tmp_path):
+    out = tmp_path / "r.json"
+    p = qemuleak("run", "-c", "ls /proc > /dev/null; qemuleak-scan idle", "--format", "json",
+                 "--output", out)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.read_text())
+    jsonschema.validate(doc, report.JSON_SCHEMA)
+    assert [s["label"] for s in doc["scans"]] == ["idle", "final"]
+    assert all(s["leaks"] == [] and s["objects_tracked"] > 0 for s in doc["scans"])
+
+
+@pytest.mark.parametrize("commands, timeout, expect", [
+    ("false", 300, "a guest command failed"),
+    ("echo c > /proc/sysrq-trigger", 300, "panic"),
+    ("sleep 600", 60, "did not finish in time"),
+])
+def test_run_errors_exit_2(tmp_path, commands, timeout, expect):
+    guest_image_for("x86_64")
+    p = qemuleak("run", "-c", commands, "--timeout", timeout)
+    assert p.returncode == 2, p.stderr
+    assert expect in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert "console tail" in p.stderr
+
+
+def test_attach_ctl_end_to_end(boot, guest_image, tmp_path):
+    """QEMU started on its own with a TCP gdbstub, KASLR on; attach; leaky loaded
+    after attaching; ctl scan, dump=, clear, stack=off; Ctrl-C; the guest runs on."""
+    vm = boot(modules=("leaky",), gdb="tcp")
+    out, sock = tmp_path / "report.json", tmp_path / "ctl.sock"
+    p = subprocess.Popen([*CLI, "attach", vm.gdb_target, "--system-map",
+                          str(guest_image.system_map), "--control", str(sock),
+                          "--scan-interval", "0", "--format", "json", "--output", str(out),
+                          "--untracked", "ignore", "--module-filter", "leaky"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = ""
+    while "tracing" not in err and p.poll() is None:
+        err += p.stderr.readline()
+    assert p.poll() is None, err + p.stderr.read()
+    assert (sock.stat().st_mode & 0o777) == 0o600
+
+    def ctl(*command):
+        r = qemuleak("ctl", sock, *command, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    vm.send_line("insmod /modules/leaky.ko")
+    deadline = time.monotonic() + 120
+    while "leaky: ready" not in vm.console_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    objs = parse_objects(vm.console_text())
+    cache_leak = objs["cache_leak"].address
+
+    assert "scan loaded:" in ctl("scan", "loaded")
+    scans = json.loads(out.read_text())["scans"]
+    assert [s["label"] for s in scans] == ["loaded"]
+    assert cache_leak in {int(x["address"], 16) for x in scans[0]["leaks"]}
+    dump = ctl(f"dump={cache_leak:#x}")
+    assert f"{cache_leak:#x}" in dump and "leak" in dump, dump
+    # a kept object's dump says what keeps it: leaky's pointer into its middle
+    dump = ctl(f"dump={objs['interior_kept'].address:#x}")
+    assert "referenced from:" in dump and "module leaky" in dump, dump
+    assert "cleared" in ctl("clear")
+    # stack=off: stack_kept (only on a sleeping kthread's stack) leaks; a register
+    # may still hold it for a while: rescan, as syzkaller does
+    ctl("stack=off")
+    stack_kept = objs["stack_kept"].address
+    for i in range(3):
+        ctl("scan", f"nostack{i}")
+        scans = json.loads(out.read_text())["scans"]
+        found = {int(x["address"], 16) for x in scans[-1]["leaks"]}
+        assert cache_leak not in found               # reported once, then cleared
+        if stack_kept in found:
+            break
+    assert stack_kept in found
+    assert "error" in subprocess.run([*CLI, "ctl", str(sock), "bogus"], capture_output=True,
+                                     text=True).stderr
+
+    p.send_signal(signal.SIGINT)
+    _, rest = p.communicate(timeout=300)
+    assert "Traceback" not in rest, rest
+    assert p.returncode == 1, rest
+    scans = json.loads(out.read_text())["scans"]
+    jsonschema.validate(json.loads(out.read_text()), report.JSON_SCHEMA)
+    assert scans[-1]["label"] == "final"
+    # the guest runs on, allocating, with no breakpoint left
+    vm.send_line("ls /proc > /dev/null; echo alive-$((20+22))")
+    vm.wait_for_line("alive-42", timeout=30)
