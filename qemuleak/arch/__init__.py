@@ -83,6 +83,11 @@ class Arch:
         """Address of the struct page of page frame 0, None if unknown."""
         return None
 
+    def linear_offset(self, kernel) -> int | None:
+        """Where the kernel maps all of RAM: virtual = physical + this (mod 2**64),
+        None if unknown."""
+        return None
+
     def untag_words(self, words):
         """`untag` over a numpy array of words (the scanner's hot loop)."""
         return words

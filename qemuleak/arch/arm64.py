@@ -96,17 +96,33 @@ class Arm64(Arch):
         # Kernel pointers may carry a tag in the top byte (TBI); the real one is 0xff.
         return address | (0xFF << 56) if address >> 55 & 1 else address & ~(0xFF << 56)
 
-    def vmemmap(self, kernel) -> int | None:
-        # VMEMMAP_START - (memstart_addr >> PAGE_SHIFT), from vmcoreinfo's VA_BITS
-        # and PHYS_OFFSET (memstart_addr); struct page is 64 bytes (VMEMMAP_SHIFT 6)
+    def _va_bits_phys_offset(self, kernel) -> tuple[int, int] | None:
+        """VA_BITS and PHYS_OFFSET (memstart_addr) from vmcoreinfo."""
         info = kernel.vmcoreinfo()
         va_bits, phys = info.number("VA_BITS"), info.number("PHYS_OFFSET")
         if va_bits is None or phys is None:
             return None
         if phys >> 63:                    # memstart_addr is an s64: KASLR may make it negative
             phys -= 1 << 64
+        return va_bits, phys
+
+    def vmemmap(self, kernel) -> int | None:
+        # VMEMMAP_START - (memstart_addr >> PAGE_SHIFT); struct page is 64 bytes
+        # (VMEMMAP_SHIFT 6)
+        known = self._va_bits_phys_offset(kernel)
+        if known is None:
+            return None
+        va_bits, phys = known
         start = (1 << 64) - (1 << (va_bits - 6))
         return (start - (phys >> 12) * kernel.types.sizeof("struct page")) & ((1 << 64) - 1)
+
+    def linear_offset(self, kernel) -> int | None:
+        # __phys_to_virt: (phys - PHYS_OFFSET) | PAGE_OFFSET, PAGE_OFFSET = -2**VA_BITS
+        known = self._va_bits_phys_offset(kernel)
+        if known is None:
+            return None
+        va_bits, phys = known
+        return ((1 << 64) - (1 << va_bits) - phys) & ((1 << 64) - 1)
 
     def untag_words(self, words):
         top = np.uint64(0xFF << 56)

@@ -72,6 +72,13 @@ class X86_64(Arch):
             at = kernel.info.symbol("vmemmap_base")
         return kernel.read_u64(at) if at is not None else None
 
+    def linear_offset(self, kernel) -> int | None:
+        # page_offset_base moves with KASLR's memory randomization too
+        at = kernel.symbols.get("page_offset_base")
+        if at is None and kernel.info is not None:
+            at = kernel.info.symbol("page_offset_base")
+        return kernel.read_u64(at) if at is not None else None
+
     def percpu_base(self, regs: dict[str, int]) -> int | None:
         # The kernel's GS base is the per-CPU offset (per-CPU data is linked at 0);
         # in user mode swapgs has parked it in KERNEL_GS_BASE.

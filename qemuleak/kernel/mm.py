@@ -6,7 +6,6 @@ import numpy as np
 from ..errors import QemuleakError
 
 PAGE = 4096
-PG_SLAB_NAME = "PG_slab"
 
 
 def vmemmap(kernel) -> int:
@@ -30,13 +29,14 @@ class Pages:
         self.raw = [np.frombuffer(kernel.read(self.base + (r.gpa // PAGE) * self.size,
                                               r.size // PAGE * self.size), np.uint8)
                     .reshape(-1, self.size) for r in ranges]
-        self._ref = t.offsetof("struct page", "_refcount")
-        self._head = t.offsetof("struct page", "compound_head") \
+        self.ref_offset = t.offsetof("struct page", "_refcount")
+        self.head_offset = t.offsetof("struct page", "compound_head") \
             if t.has_member("struct page", "compound_head") else None
         slab = "struct slab" if t.has_type("struct slab") else "struct page"
-        self._cache = t.offsetof(slab, "slab_cache")
+        self.cache_offset = t.offsetof(slab, "slab_cache")
 
-    def _field(self, pages: np.ndarray, off: int, dtype: str) -> np.ndarray:
+    def field(self, pages: np.ndarray, off: int, dtype: str) -> np.ndarray:
+        """One field (at byte `off`, of numpy `dtype`) of each struct page in `pages`."""
         width = np.dtype(dtype).itemsize
         return np.ascontiguousarray(pages[:, off:off + width]).view(dtype).reshape(len(pages))
 
@@ -46,9 +46,9 @@ class Pages:
         compound page, told apart by compound_head bit 0."""
         out = []
         for pages in self.raw:
-            free = self._field(pages, self._ref, "<i4") == 0
-            if self._head is not None:
-                free &= (self._field(pages, self._head, "<u8") & np.uint64(1)) == 0
+            free = self.field(pages, self.ref_offset, "<i4") == 0
+            if self.head_offset is not None:
+                free &= (self.field(pages, self.head_offset, "<u8") & np.uint64(1)) == 0
             out.append(free)
         return out
 
@@ -63,8 +63,8 @@ class Pages:
                 continue
             index = ((gpas[inside] - np.uint64(r.gpa)) // np.uint64(PAGE)).astype(np.int64)
             sel = pages[index]
-            if self._head is not None:            # a tail page: ask its head
-                head = self._field(sel, self._head, "<u8")
+            if self.head_offset is not None:            # a tail page: ask its head
+                head = self.field(sel, self.head_offset, "<u8")
                 tail = (head & np.uint64(1)) == 1
                 if tail.any():
                     hidx = ((head[tail] - np.uint64(1) - np.uint64(self.base)) // np.uint64(self.size)
@@ -74,6 +74,6 @@ class Pages:
                     fixed[ok] = pages[hidx[ok]]
                     sel = sel.copy()
                     sel[tail] = fixed
-            cache = self._field(sel, self._cache, "<u8")
+            cache = self.field(sel, self.cache_offset, "<u8")
             out[inside] = np.where(cache >> np.uint64(63) == 1, cache, np.uint64(0))
         return out
