@@ -4,10 +4,13 @@ What is scanned, all read from one snapshot (see snapshot.py):
 - objects: every object in the table; a per-CPU object's contents are its copy on
   each possible CPU, and references to it are its per-CPU cookie;
 - roots: the vCPU registers, and either
-  - untracked="roots" (default, conservative): all of RAM that is not a tracked
-    object. Memory allocated before tracing began is not in the table, and its
+  - untracked="roots" (default): all RAM the page allocator holds except the
+    slabs. Memory allocated before tracing began is not in the table, and its
     references must not be lost, so attaching to a VM that has run for hours gives
-    no false reports; or
+    no false reports. Slab objects from before tracing come from the SLUB
+    inventory (kernel/slub.py) and are scanned as objects, when reached, never
+    reported; free slab objects are not scanned. (Without an inventory, all
+    allocated RAM but the tracked objects is a root); or
   - untracked="ignore": only what kmemleak takes as roots: kernel .data, .bss,
     ro_after_init, each possible CPU's static per-CPU area, every module's memory
     and per-CPU area, and the task stacks.
@@ -25,7 +28,7 @@ import numpy as np
 
 from . import reach
 from .errors import QemuleakError
-from .kernel import mm, percpu, tasks
+from .kernel import mm, percpu, slub, tasks
 from .kernel.modules import Symbolizer, for_each_module
 from .kernel.vmalloc import allocator_words
 from .objects import Flags, Kind, ObjectTable
@@ -230,10 +233,34 @@ def _kernel_roots(kernel, live_stacks) -> list[tuple[int, int, str]]:
     return out + list(live_stacks)
 
 
-def _allocated_ram(ram: RamCopy, pages: mm.Pages) -> Segments:
-    """Every page of RAM the page allocator does not hold free, as segments."""
+def _inventory(kernel, ram: RamCopy, pages: mm.Pages, addresses, sizes):
+    """(inventory, untracked slab objects, their sizes), or None when the slabs
+    cannot be read (the scan then takes all allocated RAM as roots)."""
+    try:
+        inv = slub.inventory(kernel, ram, pages)
+    except QemuleakError:
+        return None
+    extra, extra_sizes = inv.addresses, inv.sizes
+    # a tracked object may sit in a slot (the tracer knows its real size)
+    j = np.searchsorted(addresses, extra, side="right").astype(np.int64) - 1
+    inside = (j >= 0) & (extra < (addresses + sizes)[np.maximum(j, 0)])
+    return inv, extra[~inside], extra_sizes[~inside]
+
+
+def _merge(addresses: np.ndarray, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted union, the order that sorts `concatenate([addresses, extra])`)."""
+    both = np.concatenate([addresses, extra.astype(addresses.dtype)])
+    order = np.argsort(both, kind="stable")
+    return both[order], order
+
+
+def _allocated_ram(ram: RamCopy, pages: mm.Pages, but: list[np.ndarray] | None = None) -> Segments:
+    """Every page of RAM the page allocator does not hold free (nor marked in
+    `but`, per RAM range a bool per page), as segments."""
     offsets, lengths = [], []
-    for r, free in zip(ram.ranges, pages.free()):
+    for i, (r, free) in enumerate(zip(ram.ranges, pages.free())):
+        if but is not None:
+            free = free | but[i]
         edges = np.flatnonzero(np.diff(np.concatenate(([1], free.astype(np.int8), [1]))))
         starts, stops = edges[::2], edges[1::2]          # runs of allocated pages
         offsets.append(r.offset + starts * mm.PAGE)
@@ -312,9 +339,24 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
     started = time.perf_counter()
     addresses, sizes = table.arrays()
     kinds, flags, seqs = table.columns("kind", "flags", "seq")
+    tracked = np.ones(len(addresses), bool)
     guest = kernel.guest
     ram = snapshot.ram
+    inventoried = None
     with guest_frozen(guest, snapshot):
+        if options.untracked == "roots":
+            pages = mm.Pages(kernel, ram.ranges)
+            inventoried = _inventory(kernel, ram, pages, addresses, sizes)
+        if inventoried is not None:
+            # slab objects from before tracing are objects too (never reported)
+            inv, extra, extra_sizes = inventoried
+            n = len(extra)
+            addresses, order = _merge(addresses, extra)
+            sizes = np.concatenate([sizes, extra_sizes.astype(sizes.dtype)])[order]
+            kinds = np.concatenate([kinds, np.full(n, int(Kind.CACHE), kinds.dtype)])[order]
+            flags = np.concatenate([flags, np.zeros(n, flags.dtype)])[order]
+            seqs = np.concatenate([seqs, np.full(n, np.iinfo(seqs.dtype).max, seqs.dtype)])[order]
+            tracked = np.concatenate([tracked, np.zeros(n, bool)])[order]
         cpus = percpu.possible_cpus(kernel)
         contents = _object_contents(kernel, ram, addresses, sizes, kinds, cpus)
         live, dead, cached = _stack_spans(kernel, snapshot, options.stack)
@@ -323,8 +365,11 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
         spans = _kernel_roots(kernel, live)
         named = to_ram(kernel, ram, np.arange(len(spans)), [s for s, _, _ in spans],
                        [n for _, n, _ in spans])
-        if options.untracked == "roots":
-            pages = mm.Pages(kernel, ram.ranges)
+        if inventoried is not None:
+            # allocated RAM but the slabs: their free objects hold only stale words
+            roots = _allocated_ram(ram, pages, but=inventoried[0].slab_pages)
+            stale = Segments.empty()
+        elif options.untracked == "roots":
             roots = _allocated_ram(ram, pages)
             stale = _freed_slab_objects(kernel, ram, pages, freed or {}, addresses, ends)
         else:
@@ -345,14 +390,16 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
     untag = guest.arch.untag_words
     result = reach.reachability(ram.data, addresses, ends, min_count, contents, roots,
                                 registers, untag, scan_ok)
-    reportable = (flags & int(Flags.NOT_LEAK | Flags.IGNORE)) == 0
+    reportable = ((flags & int(Flags.NOT_LEAK | Flags.IGNORE)) == 0) & tracked
     white = ~result.gray & reportable
     src, dst = reach.leak_edges(ram.data, addresses, ends, contents, white, untag)
     direct = reach.classify(white, src, dst, seqs)
-    states = np.where(white, np.where(direct, "direct leak", "indirect leak"), "referenced")
-    first = {}
-    for o, off in zip(contents.owner.tolist(), contents.offset.tolist()):
-        first.setdefault(o, off)
+    states = np.where(white, np.where(direct, "direct leak", "indirect leak"),
+                      np.where(tracked | result.gray, "referenced", "unreferenced, untracked"))
+    order = np.argsort(contents.owner, kind="stable")       # each leak's first bytes
+    owners, at = np.unique(contents.owner[order], return_index=True)
+    keep = white[owners]
+    first = dict(zip(owners[keep].tolist(), contents.offset[order][at[keep]].tolist()))
     leaks = []
     for i in np.flatnonzero(white)[np.argsort(seqs[white], kind="stable")].tolist():
         r = table.get(int(addresses[i]))
