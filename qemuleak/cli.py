@@ -108,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
+        "scan", help="scan a running guest once, with no tracing (best with slub_debug=U)",
+        description="Attach, copy the guest's RAM (it stands still only for the copy), "
+                    "find every allocated slab object from SLUB's own structures, and run "
+                    "kmemleak's scan: objects nothing points to are reported. When the "
+                    "guest was booted with slub_debug=U, SLUB's allocation tracks give "
+                    "each leak its backtrace, pid, cpu and age; without them leaks have no "
+                    "backtrace. Only slab objects are candidates; untracked other memory "
+                    "(page tables, page cache, vmalloc) counts as roots. Exit code: 0 no "
+                    "leaks, 1 leaks, 2 error.")
+    add_target_args(p)
+    p.add_argument("--label", default="scan", help="the scan's label in the report")
+    add_report_args(p, untracked=False)
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser(
         "ctl", help="send a command to a running `qemuleak attach --control PATH`",
         description="Commands, as kmemleak's debugfs file takes them: 'scan [LABEL]' (waits "
                     "for the scan and prints its summary), 'clear' (forget the leaks "
@@ -143,7 +158,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                         "here and may be read, else the gdbstub)")
 
 
-def add_report_args(p) -> None:
+def add_report_args(p, untracked: bool = True) -> None:
     """What a scan covers and how it is reported: shared by trace, attach and run."""
     from .formats import FORMATS
     p.add_argument("--format", choices=FORMATS, default="text",
@@ -163,6 +178,8 @@ def add_report_args(p) -> None:
                         "needed)")
     p.add_argument("--stack", choices=("on", "off"), default="on",
                    help="scan task stacks (the live part, above each stack pointer)")
+    if not untracked:
+        return
     p.add_argument("--untracked", choices=("roots", "ignore"), default="roots",
                    help="memory allocated before tracing began: 'roots' (default) treats "
                         "it as roots, so nothing it points to is reported; 'ignore' scans "
@@ -210,6 +227,12 @@ def cmd_run(args) -> int:
                       path(args.initrd), [Path(m) for m in args.module], args.append,
                       args.memory, args.smp, args.accel, args.timeout, path(args.console))
     return run(opts, report_options(args))
+
+
+def cmd_scan(args) -> int:
+    from .scan_cmd import run_scan
+    return run_scan(args.target, report_options(args), args.label, vmlinux=args.vmlinux,
+                    system_map=args.system_map, backend=args.backend)
 
 
 def cmd_ctl(args) -> int:

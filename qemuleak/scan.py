@@ -243,7 +243,9 @@ def _inventory(kernel, ram: RamCopy, pages: mm.Pages, addresses, sizes):
     extra, extra_sizes = inv.addresses, inv.sizes
     # a tracked object may sit in a slot (the tracer knows its real size)
     j = np.searchsorted(addresses, extra, side="right").astype(np.int64) - 1
-    inside = (j >= 0) & (extra < (addresses + sizes)[np.maximum(j, 0)])
+    inside = np.zeros(len(extra), bool)
+    if len(addresses):
+        inside = (j >= 0) & (extra < (addresses + sizes)[np.maximum(j, 0)])
     return inv, extra[~inside], extra_sizes[~inside]
 
 
@@ -271,18 +273,10 @@ def _allocated_ram(ram: RamCopy, pages: mm.Pages, but: list[np.ndarray] | None =
 
 def slab_caches(kernel) -> dict[int, int]:
     """Every kmem_cache on `slab_caches`: address -> object size."""
-    t = kernel.types
-    head = kernel.symbols.get("slab_caches")
-    if head is None:
+    try:
+        return {c.address: c.object_size for c in slub.caches(kernel)}
+    except QemuleakError:
         return {}
-    list_off = t.offsetof("struct kmem_cache", "list")
-    size_off = t.offsetof("struct kmem_cache", "object_size")
-    out = {}
-    node = kernel.read_u64(head)
-    while node != head and len(out) < 1 << 16:
-        out[node - list_off] = kernel.read_u32(node - list_off + size_off)
-        node = kernel.read_u64(node)
-    return out
 
 
 def _freed_slab_objects(kernel, ram: RamCopy, pages: mm.Pages, freed: dict[int, int],

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import QemuleakError
+from .lists import list_nodes
 from .symbols import SymbolTable
 
 ELF64_SYM = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"),
@@ -75,13 +76,11 @@ def for_each_module(kernel, limit: int = 4096) -> list[Module]:
     out = []
     if head is None:
         return out
-    node = kernel.read_u64(head)
-    while node != head and len(out) < limit:
+    for node in list_nodes(kernel, head, limit):
         mod = node - list_off
         name = kernel.read(mod + name_off, name_len).split(b"\0", 1)[0].decode("utf-8", "replace")
         out.append(Module(name, mod, _regions(kernel, mod), kernel.read_u64(mod + pcpu_off),
                           kernel.read_u32(mod + pcpu_size_off), _text(kernel, mod)))
-        node = kernel.read_u64(node)
     return out
 
 

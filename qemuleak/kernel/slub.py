@@ -22,6 +22,7 @@ from . import mm, percpu
 from .lists import list_nodes
 
 U64 = np.uint64
+SLAB_STORE_USER = 0x00010000
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,17 @@ class Cache:
     red_left_pad: int
     cpu_slab: int              # per-CPU pointer to its kmem_cache_cpu
     nodes: tuple[int, ...]     # its kmem_cache_node of each NUMA node
+    flags: int = 0             # slab_flags_t
+    inuse: int = 0             # where the metadata after an object starts
+
+    @property
+    def tracks(self) -> int | None:
+        """Offset from an object to its allocation `struct track`, None unless the
+        cache stores them (SLAB_STORE_USER: boot with slub_debug=U)."""
+        if not self.flags & SLAB_STORE_USER:
+            return None
+        outside = self.offset >= self.inuse          # the free pointer sits after the object
+        return self.inuse + 8 if outside else self.inuse
 
 
 def caches(kernel) -> list[Cache]:
@@ -47,7 +59,8 @@ def caches(kernel) -> list[Cache]:
         raise QemuleakError("no slab_caches symbol: the kernel's slab caches are unknown",
                             "pass --vmlinux or --system-map")
     k = "struct kmem_cache"
-    off = t.layout(k, ["list", "size", "object_size", "offset", "name", "cpu_slab", "node"])
+    off = t.layout(k, ["list", "size", "object_size", "offset", "name", "cpu_slab", "node",
+                       "flags", "inuse"])
     random = t.offsetof(k, "random") if t.has_member(k, "random") else None
     red = t.offsetof(k, "red_left_pad") if t.has_member(k, "red_left_pad") else None
     ids = kernel.symbols.get("nr_node_ids")
@@ -62,7 +75,8 @@ def caches(kernel) -> list[Cache]:
             kernel.read_u64(s + random) if random is not None else None,
             kernel.read_u32(s + red) if red is not None else 0,
             kernel.read_u64(s + off["cpu_slab"]),
-            tuple(n for n in (kernel.read_u64(s + off["node"] + 8 * i) for i in range(nodes)) if n)))
+            tuple(n for n in (kernel.read_u64(s + off["node"] + 8 * i) for i in range(nodes)) if n),
+            kernel.read_u32(s + off["flags"]), kernel.read_u32(s + off["inuse"])))
     return out
 
 
@@ -268,3 +282,38 @@ def inventory(kernel, ram, pages: mm.Pages | None = None) -> Inventory:
                      count(np.ones(len(cache), bool)), count(~allocated),
                      _partial_free(kernel, cache_list, slabs),
                      sorted({cache_list[int(slabs.cache[s])].name for s in broken.tolist()}))
+
+
+@dataclass
+class Tracks:
+    """SLUB's record of who allocated each object (slub_debug=U), per object of an
+    inventory: caller, stack depot handle, cpu, pid, jiffies. `stored` is False
+    where the cache keeps no tracks."""
+
+    stored: np.ndarray
+    caller: np.ndarray
+    handle: np.ndarray
+    cpu: np.ndarray
+    pid: np.ndarray
+    when: np.ndarray
+
+
+def alloc_tracks(kernel, ram, inv: Inventory) -> Tracks:
+    """The allocation track of every object in `inv`, read from the RAM copy."""
+    t = kernel.types
+    off = t.layout("struct track", ["addr", "cpu", "pid", "when"])
+    handle = t.offsetof("struct track", "handle") if t.has_member("struct track", "handle") else None
+    where = np.array([c.tracks if c.tracks is not None else -1 for c in inv.caches], np.int64)[inv.cache]
+    stored = where >= 0
+    reader = _Reader(ram, kernel.guest.arch.linear_offset(kernel))
+    track = inv.addresses + np.where(stored, where, 0).astype(U64)
+
+    def word(o: int | None, bits: int = 64) -> np.ndarray:
+        if o is None:
+            return np.zeros(len(track), U64)
+        values, ok = reader.u64(track + U64(o))
+        values = np.where(ok & stored, values, U64(0))
+        return values & U64((1 << bits) - 1) if bits < 64 else values
+    return Tracks(stored & (word(off["addr"]) != 0), word(off["addr"]), word(handle, 32),
+                  word(off["cpu"], 32).astype(np.int64), word(off["pid"], 32).astype(np.int64),
+                  word(off["when"]))

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from ..errors import KernelTypeError, QemuleakError
+from .lists import list_nodes
 
 # Per-CPU variables that point at the running task, by what the kernel has:
 # x86_64 `current_task` (moved into `pcpu_hot` in 6.2), arm64 `__entry_task`.
@@ -56,14 +57,9 @@ def for_each_task(kernel, limit: int = 1 << 20):
     """Every task (thread-group leaders) on init_task's list."""
     t = kernel.types
     tasks_off = t.offsetof("struct task_struct", "tasks")
-    head = kernel.sym("init_task") + tasks_off
-    node = kernel.read_u64(head)
     yield task(kernel, kernel.sym("init_task"))
-    seen = 0
-    while node != head and seen < limit:
+    for node in list_nodes(kernel, kernel.sym("init_task") + tasks_off, limit):
         yield task(kernel, node - tasks_off)
-        node = kernel.read_u64(node)
-        seen += 1
 
 
 def for_each_thread(kernel, limit: int = 1 << 20):
@@ -78,17 +74,12 @@ def for_each_thread(kernel, limit: int = 1 << 20):
     else:
         node_off = t.offsetof("struct task_struct", "thread_group")
         heads = lambda leader: leader + node_off                              # noqa: E731
-    seen = 0
     for leader in for_each_task(kernel, limit):
         if leader.address == kernel.sym("init_task") or not _has_signal(kernel, leader.address):
             yield leader
             continue
-        head = heads(leader.address)
-        node = kernel.read_u64(head)
-        while node != head and seen < limit:
+        for node in list_nodes(kernel, heads(leader.address), limit):
             yield task(kernel, node - node_off)
-            node = kernel.read_u64(node)
-            seen += 1
 
 
 def _has_signal(kernel, address: int) -> bool:

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from ..errors import KernelTypeError
+from .lists import list_nodes
 
 
 @dataclass(frozen=True)
@@ -31,18 +32,11 @@ def allocator_words(kernel) -> list[int]:
     list_off = t.offsetof("struct vmap_area", "list")
     for name in ("free_vmap_area_list", "purge_vmap_area_list"):
         if kernel.symbols.get(name) is not None:
-            for node in _list(kernel, kernel.sym(name)):
+            for node in list_nodes(kernel, kernel.sym(name)):
                 out += [node - list_off + start_off, node - list_off + end_off]
     return out
 
 
-def _list(kernel, head: int, limit: int = 1 << 20):
-    node = kernel.read_u64(head)
-    seen = 0
-    while node != head and seen < limit:
-        yield node
-        node = kernel.read_u64(node)
-        seen += 1
 
 
 def for_each_vmap_area(kernel, limit: int = 1 << 20) -> list[VmapArea]:
@@ -69,7 +63,7 @@ def for_each_vmap_area(kernel, limit: int = 1 << 20) -> list[VmapArea]:
     flags_off = t.offsetof("struct vm_struct", "flags")
     out = []
     for head in heads:
-        for node in _list(kernel, head, limit):
+        for node in list_nodes(kernel, head, limit):
             va = node - list_off
             raw = kernel.read(va, max(start_off, end_off, vm_off) + 8)
             word = lambda off: int.from_bytes(raw[off:off + 8], "little")   # noqa: E731
