@@ -186,6 +186,9 @@ def test_exit_leak_after_rmmod(session, arch):
     result = s.scan_until(lambda r: r.state_of(exit_leak)[0] != "referenced", untracked="ignore")
     leaks, _ = report.filter_leaks(result.leaks, module="leaky")
     found = {leak.address for leak in leaks}
+    if exit_leak not in found:        # only a stale word (kmemleak's blind spot) may hide it
+        assert_hidden_by_stale_words(result, objs, {"exit_leak"})
+        return
     assert exit_leak in found, (
         result.state_of(objs["exit_leak"].address), s.table.get(objs["exit_leak"].address),
         [[f.text() for f in leak.backtrace] for leak in result.leaks

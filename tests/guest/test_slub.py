@@ -67,7 +67,7 @@ def test_inventory_agrees_with_tracer(boot, guest_image):
         assert not inv.broken, inv.broken
         allocated = set(inv.addresses.tolist())
         slab = [r for r in s.table if r.kind.name in ("KMALLOC", "CACHE") and r.cache]
-        assert len(slab) > 100
+        assert len(slab) > 20, len(slab)
         missing = [(hex(r.address), r.size, r.cache) for r in slab if r.address not in allocated]
         assert not missing, missing[:20]
         assert objs["cache_leak"].address in allocated
