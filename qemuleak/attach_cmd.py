@@ -7,6 +7,7 @@ import sys
 import time
 
 from .errors import QemuleakError
+from .formats import render
 from .guest import Guest
 from .kernel.kernel import Kernel
 from .session import ReportOptions, Session, scan_line
@@ -91,7 +92,6 @@ def _loop(session: Session, server, interval: float, out, status: Status) -> Non
         line = scan_line(done)
         status.say(line)
         if session.options.output is None and session.options.format in STREAMED:
-            from .formats import render
             out.write(render(session.options.format, [done]))
             out.flush()
         return line

@@ -169,10 +169,10 @@ def _object_contents(kernel, ram, addresses, sizes, kinds, cpus) -> Segments:
 
 
 def _stack_spans(kernel, snapshot: Snapshot, stack_on: bool):
-    """(live, dead, cached): stack spans (start, size, label) in use (from each
-    task's stack pointer up), (start, size) and garbage (below it; whole stacks with stack=off, and
-    stacks cached for reuse after their task exited), and the cached stacks'
-    addresses: the cache holds their vm_struct, whose pointer the scan masks, so
+    """(live, dead, cached): stack spans in use, as (start, size, "stack of COMM
+    [PID]"), from each task's stack pointer up; garbage spans, as (start, size),
+    below it (whole stacks with stack=off, and stacks cached for reuse after their
+    task exited); and the cached stacks' addresses: the cache holds their vm_struct, whose pointer the scan masks, so
     they are referenced explicitly."""
     size = tasks.thread_size(kernel)
     arch = kernel.guest.arch
@@ -233,13 +233,15 @@ def _kernel_roots(kernel, live_stacks) -> list[tuple[int, int, str]]:
     return out + list(live_stacks)
 
 
-def _inventory(kernel, ram: RamCopy, pages: mm.Pages, addresses, sizes):
+def _inventory(kernel, ram: RamCopy, pages: mm.Pages, addresses, sizes, inv=None):
     """(inventory, untracked slab objects, their sizes), or None when the slabs
-    cannot be read (the scan then takes all allocated RAM as roots)."""
-    try:
-        inv = slub.inventory(kernel, ram, pages)
-    except QemuleakError:
-        return None
+    cannot be read (the scan then takes all allocated RAM as roots). `inv`: the
+    snapshot's inventory, if the caller has it already."""
+    if inv is None:
+        try:
+            inv = slub.inventory(kernel, ram, pages)
+        except QemuleakError:
+            return None
     extra, extra_sizes = inv.addresses, inv.sizes
     # a tracked object may sit in a slot (the tracer knows its real size)
     j = np.searchsorted(addresses, extra, side="right").astype(np.int64) - 1
@@ -323,9 +325,11 @@ def hz(kernel) -> int:
 
 
 def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Options(),
-         symbolizer: Symbolizer | None = None, freed: dict[int, int] | None = None) -> Result:
+         symbolizer: Symbolizer | None = None, freed: dict[int, int] | None = None,
+         inventory: "slub.Inventory | None" = None) -> Result:
     """Find the unreferenced objects of `table` in `snapshot`. `freed`: what the
-    tracer saw freed and not allocated again (address -> size). The copy in the
+    tracer saw freed and not allocated again (address -> size). `inventory`: the
+    snapshot's SLUB inventory, when the caller has read it already. The copy in the
     snapshot is modified (cleaned, see the module docstring)."""
     if options.untracked not in UNTRACKED:
         raise QemuleakError(f"unknown untracked-memory mode {options.untracked!r}",
@@ -340,7 +344,7 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
     with guest_frozen(guest, snapshot):
         if options.untracked == "roots":
             pages = mm.Pages(kernel, ram.ranges)
-            inventoried = _inventory(kernel, ram, pages, addresses, sizes)
+            inventoried = _inventory(kernel, ram, pages, addresses, sizes, inventory)
         if inventoried is not None:
             # slab objects from before tracing are objects too (never reported)
             inv, extra, extra_sizes = inventoried

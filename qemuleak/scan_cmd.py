@@ -24,10 +24,10 @@ HINT_TRACKS = ("qemuleak: no allocation tracks: boot the guest with slub_debug=U
                "each leak's backtrace, pid and age (or use `qemuleak attach`)")
 
 
-def inventory_table(kernel, snapshot) -> tuple[ObjectTable, bool]:
+def inventory_table(kernel, snapshot) -> tuple[ObjectTable, bool, slub.Inventory]:
     """Every allocated slab object of the frozen guest as a table, in allocation
-    order, with SLUB's allocation tracks where the caches keep them; and whether
-    any did."""
+    order, with SLUB's allocation tracks where the caches keep them; whether any
+    did; and the inventory itself."""
     with guest_frozen(kernel.guest, snapshot):
         inv = slub.inventory(kernel, snapshot.ram)
         tracks = slub.alloc_tracks(kernel, snapshot.ram, inv)
@@ -43,7 +43,7 @@ def inventory_table(kernel, snapshot) -> tuple[ObjectTable, bool]:
                   comm=comms.get(pid, "?") if tracks.stored[i] else "",
                   pid=pid, cpu=max(int(tracks.cpu[i]), 0), jiffies=int(tracks.when[i]),
                   backtrace=stacks.get(int(tracks.handle[i]), (caller,) if caller else ()))
-    return table, bool(tracks.stored.any())
+    return table, bool(tracks.stored.any()), inv
 
 
 def run_scan(target: str, options: ReportOptions, label: str = "scan", vmlinux=None,
@@ -54,11 +54,11 @@ def run_scan(target: str, options: ReportOptions, label: str = "scan", vmlinux=N
         if guest.was_running:
             guest.resume()              # stand still only for the copy
         snapshot = freeze(guest)
-        table, tracked = inventory_table(kernel, snapshot)
+        table, tracked, inv = inventory_table(kernel, snapshot)
         if not tracked:
             print(HINT_TRACKS, file=err)
         result = scan(kernel, table, snapshot, Options(stack=options.stack, untracked="roots"),
-                      Symbolizer(kernel))
+                      Symbolizer(kernel), inventory=inv)
     leaks, suppressed = report.filter_leaks(result.leaks, suppressions=options.suppressions,
                                             module=options.module_filter, min_age=options.min_age)
     done = report.Scan(label, result.time, result.objects, result.bytes_scanned, leaks,

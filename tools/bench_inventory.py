@@ -21,15 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qemuleak import initramfs  # noqa: E402
 from qemuleak.guest import Guest  # noqa: E402
 from qemuleak.images import find_image  # noqa: E402
 from qemuleak.kernel import slub  # noqa: E402
 from qemuleak.kernel.kernel import Kernel  # noqa: E402
 from qemuleak.kernel.modules import Symbolizer  # noqa: E402
-from qemuleak.launch import VM, VMConfig  # noqa: E402
 from qemuleak.scan import Options, scan  # noqa: E402
 from qemuleak.scan_cmd import inventory_table  # noqa: E402
+from tools.busy_guest import busy_guest  # noqa: E402
 from qemuleak.snapshot import freeze, guest_frozen  # noqa: E402
 
 
@@ -40,16 +39,7 @@ def timed(fn):
 
 
 def bench_size(image, arch: str, memory_mib: int, runs: int, tmp: Path) -> None:
-    initrd = initramfs.compose(image.base_initramfs, tmp / f"initrd{memory_mib}.gz",
-                               initramfs.module_files([image.module("leaky"),
-                                                       image.module("allocstorm")]))
-    with VM(VMConfig(kernel=image.kernel, arch=arch, initrd=initrd, smp=2,
-                     memory_mib=memory_mib, append="slub_debug=U")) as vm:
-        vm.wait_for_line(initramfs.READY_MARKER, timeout=120)
-        vm.send_line("insmod /modules/leaky.ko")
-        vm.wait_for_line("leaky: ready", timeout=60)
-        vm.send_line("insmod /modules/allocstorm.ko count=1000000000")
-        vm.wait_for_line("allocstorm: started", timeout=60)
+    with busy_guest(image, arch, memory_mib, tmp, append="slub_debug=U") as vm:
         with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
             guest.was_running = True
             kernel = Kernel.open(guest, system_map=image.system_map)
@@ -63,8 +53,9 @@ def bench_size(image, arch: str, memory_mib: int, runs: int, tmp: Path) -> None:
                 snap = freeze(guest)
                 with guest_frozen(guest, snap):
                     inv, inv_s = timed(lambda: slub.inventory(kernel, snap.ram))
-                (table, _), table_s = timed(lambda: inventory_table(kernel, snap))
-                result, scan_s = timed(lambda: scan(kernel, table, snap, Options(), symbolizer))
+                (table, _, inv), table_s = timed(lambda: inventory_table(kernel, snap))
+                result, scan_s = timed(lambda: scan(kernel, table, snap, Options(), symbolizer,
+                                                    inventory=inv))
                 n = len(inv.addresses)
                 rows.append((inv_s, table_s, scan_s))
                 print(f"  {i + 1:<4} {snap.paused_s:9.3f} {inv_s:12.3f} {n:8d} "

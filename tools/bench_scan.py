@@ -29,14 +29,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qemuleak import initramfs  # noqa: E402
 from qemuleak.guest import Guest  # noqa: E402
 from qemuleak.images import find_image  # noqa: E402
 from qemuleak.kernel.kernel import Kernel  # noqa: E402
 from qemuleak.kernel.modules import Symbolizer  # noqa: E402
-from qemuleak.launch import VM, VMConfig  # noqa: E402
 from qemuleak.objects import ObjectTable  # noqa: E402
 from qemuleak.scan import Options, scan  # noqa: E402
+from tools.busy_guest import busy_guest  # noqa: E402
 from qemuleak.snapshot import freeze  # noqa: E402
 from qemuleak.session import unwinding  # noqa: E402
 from qemuleak.tracer import Tracer, tracing  # noqa: E402
@@ -85,16 +84,7 @@ def one_scan(kernel, table, guest, symbolizer, tracer, options: Options) -> Run:
 
 def bench_size(image, arch: str, memory_mib: int, scans: int, trace_seconds: float,
                tmp: Path) -> SizeResult:
-    initrd = initramfs.compose(image.base_initramfs, tmp / f"initrd{memory_mib}.gz",
-                               initramfs.module_files([image.module("leaky"),
-                                                       image.module("allocstorm")]))
-    with VM(VMConfig(kernel=image.kernel, arch=arch, initrd=initrd, smp=2,
-                     memory_mib=memory_mib)) as vm:
-        vm.wait_for_line(initramfs.READY_MARKER, timeout=120)
-        vm.send_line("insmod /modules/leaky.ko")
-        vm.wait_for_line("leaky: ready", timeout=60)
-        vm.send_line("insmod /modules/allocstorm.ko count=1000000000")
-        vm.wait_for_line("allocstorm: started", timeout=60)
+    with busy_guest(image, arch, memory_mib, tmp) as vm:
         with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
             kernel = Kernel.open(guest, system_map=image.system_map)
             table = ObjectTable()

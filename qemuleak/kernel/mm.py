@@ -40,6 +40,18 @@ class Pages:
         width = np.dtype(dtype).itemsize
         return np.ascontiguousarray(pages[:, off:off + width]).view(dtype).reshape(len(pages))
 
+    def heads(self, r, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For struct pages `pages` of RAM range `r`: (tail, head, ok): which are
+        tail pages of a compound page, the index in `r` of each tail's head page,
+        and whether that head lies in `r`."""
+        if self.head_offset is None:
+            return np.zeros(len(pages), bool), np.zeros(0, np.int64), np.zeros(0, bool)
+        compound = self.field(pages, self.head_offset, "<u8")
+        tail = (compound & np.uint64(1)) == 1
+        head = ((compound[tail] - np.uint64(1) - np.uint64(self.base)) // np.uint64(self.size)
+                - np.uint64(r.gpa // PAGE)).astype(np.int64)
+        return tail, head, (head >= 0) & (head < r.size // PAGE)
+
     def free(self) -> list[np.ndarray]:
         """Per RAM range, a bool per page: free in the page allocator. Buddy and
         per-CPU list pages have a zero _refcount; so do the tail pages of a
@@ -63,17 +75,12 @@ class Pages:
                 continue
             index = ((gpas[inside] - np.uint64(r.gpa)) // np.uint64(PAGE)).astype(np.int64)
             sel = pages[index]
-            if self.head_offset is not None:            # a tail page: ask its head
-                head = self.field(sel, self.head_offset, "<u8")
-                tail = (head & np.uint64(1)) == 1
-                if tail.any():
-                    hidx = ((head[tail] - np.uint64(1) - np.uint64(self.base)) // np.uint64(self.size)
-                            - np.uint64(r.gpa // PAGE)).astype(np.int64)
-                    ok = (hidx >= 0) & (hidx < len(pages))
-                    fixed = sel[tail].copy()
-                    fixed[ok] = pages[hidx[ok]]
-                    sel = sel.copy()
-                    sel[tail] = fixed
+            tail, hidx, ok = self.heads(r, sel)
+            if tail.any():                              # a tail page: ask its head
+                fixed = sel[tail].copy()
+                fixed[ok] = pages[hidx[ok]]
+                sel = sel.copy()
+                sel[tail] = fixed
             cache = self.field(sel, self.cache_offset, "<u8")
             out[inside] = np.where(cache >> np.uint64(63) == 1, cache, np.uint64(0))
         return out

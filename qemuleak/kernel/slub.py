@@ -132,19 +132,10 @@ def _slabs(kernel, pages: mm.Pages, cache_list: list[Cache], linear: int) -> tup
     for r, raw in zip(pages.ranges, pages.raw):
         cache = pages.field(raw, pages.cache_offset, "<u8")
         k = np.minimum(np.searchsorted(known, cache), len(known) - 1)
-        head = known[k] == cache
-        if pages.head_offset is not None:
-            compound = pages.field(raw, pages.head_offset, "<u8")
-            tail = (compound & U64(1)) == 1
-            head &= ~tail
-            hidx = ((compound[tail] - U64(1) - U64(pages.base)) // U64(pages.size)
-                    - U64(r.gpa // mm.PAGE)).astype(np.int64)
-            ok = (hidx >= 0) & (hidx < len(raw))
-            mask = head.copy()
-            tails = np.flatnonzero(tail)
-            mask[tails[ok]] = head[hidx[ok]]
-        else:
-            mask = head
+        tail, hidx, ok = pages.heads(r, raw)
+        head = (known[k] == cache) & ~tail
+        mask = head.copy()                        # a slab's tail pages are slab too
+        mask[np.flatnonzero(tail)[ok]] = head[hidx[ok]]
         masks.append(mask)
         i = np.flatnonzero(head)
         counters = pages.field(raw[i], word // 8, "<u8")

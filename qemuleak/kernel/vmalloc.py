@@ -37,8 +37,6 @@ def allocator_words(kernel) -> list[int]:
     return out
 
 
-
-
 def for_each_vmap_area(kernel, limit: int = 1 << 20) -> list[VmapArea]:
     """Every busy vmap_area, from `vmap_area_list` (up to 6.8) or the busy lists
     of `vmap_nodes` (6.9+)."""
