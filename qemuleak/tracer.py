@@ -143,6 +143,7 @@ class Tracer:
             raise QemuleakError("none of the kernel's allocation functions is in the symbols",
                                 "pass --vmlinux or --system-map for this kernel")
         self.pending: dict[int, Pending] = {}             # by stack pointer at return
+        self.in_flight = 0                                # pending when tracing stopped
         self.freed: dict[int, int] = {}                   # freed, not reallocated: size
         self.return_sites: dict[int, int] = {}       # address -> calls waiting there
         self._cpu_of = {t: i for i, t in enumerate(self.guest.cpus())}
@@ -171,6 +172,9 @@ class Tracer:
         """Remove every breakpoint we set; the guest stays stopped."""
         self.guest.pause()
         self.rsp.remove_all_breakpoints()
+        # calls that entered but never returned (a task can sleep inside kmalloc):
+        # their objects stay out of the table
+        self.in_flight = len(self.pending)
         self.pending.clear()
         self.return_sites.clear()
 
