@@ -119,7 +119,7 @@ def format_leak(leak: Leak) -> str:
         f"(age {_age(leak.age_s)}s)",
         *_hex_block(leak),
         "  backtrace:",
-        *_frame_lines(leak.backtrace),
+        *(_frame_lines(leak.backtrace) or ["    (unknown: allocated before tracing began)"]),
     ]
     return "\n".join(lines) + "\n"
 

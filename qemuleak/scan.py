@@ -4,12 +4,18 @@ What is scanned, all read from one snapshot (see snapshot.py):
 - objects: every object in the table; a per-CPU object's contents are its copy on
   each possible CPU, and references to it are its per-CPU cookie;
 - roots: the vCPU registers, and either
-  - untracked="roots" (default): all RAM the page allocator holds except the
-    slabs. Memory allocated before tracing began is not in the table, and its
-    references must not be lost, so attaching to a VM that has run for hours gives
-    no false reports. Slab objects from before tracing come from the SLUB
-    inventory (kernel/slub.py) and are scanned as objects, when reached, never
-    reported; free slab objects are not scanned. (Without an inventory, all
+  - untracked="roots" (default): what the page allocator holds that no
+    inventory explains. Memory allocated before tracing began is not in the
+    table, and its references must not be lost, so attaching to a VM that has run
+    for hours gives no false reports. From the inventories come objects too,
+    scanned when reached and reported only with `all_objects`: every slab object
+    (kernel/slub.py), every vmalloc area but task stacks, module memory and
+    per-CPU chunks (kernel/vmalloc.py), and every dynamic per-CPU area
+    (kernel/percpu.py; scanned always and never reported, as kmemleak does with
+    per-CPU areas). Free slab objects and the per-CPU chunks' free space are not
+    scanned. What stays a root: memblock allocations, page tables, large kmalloc
+    pages (nothing in a 6.1 struct page tells them from other compound pages),
+    the page cache and other raw pages. (Without the SLUB inventory, all
     allocated RAM but the tracked objects is a root); or
   - untracked="ignore": only what kmemleak takes as roots: kernel .data, .bss,
     ro_after_init, each possible CPU's static per-CPU area, every module's memory
@@ -28,7 +34,7 @@ import numpy as np
 
 from . import reach
 from .errors import QemuleakError
-from .kernel import mm, percpu, slub, tasks
+from .kernel import mm, percpu, slub, tasks, vmalloc
 from .kernel.modules import Symbolizer, for_each_module
 from .kernel.vmalloc import allocator_words
 from .objects import Flags, Kind, ObjectTable
@@ -45,6 +51,7 @@ UNTRACKED = ("roots", "ignore")
 class Options:
     stack: bool = True               # scan task stacks (kmemleak's stack=on)
     untracked: str = "roots"         # see the module docstring
+    all_objects: bool = False        # report unreferenced objects from before tracing too
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Result:
     _ends: np.ndarray = field(repr=False, default=None)
     _named: Segments = field(repr=False, default=None)     # owner: index in _names
     _names: list = field(repr=False, default=None)
+    _where: list = field(repr=False, default=None)         # per name: address -> text
 
     def state_of(self, address: int) -> tuple[str, int] | None:
         """("direct leak" | "indirect leak" | "referenced", references found) of the
@@ -102,7 +110,15 @@ class Result:
     def _root_name(self, at: int) -> str:
         n = self._named
         hit = np.flatnonzero((n.offset <= at) & (at < n.offset + n.length))
-        return self._names[int(n.owner[hit[0]])] if len(hit) else "untracked memory"
+        if not len(hit):
+            return "untracked memory"
+        owner = int(n.owner[hit[0]])
+        name = self._names[owner]
+        where = self._where[owner] if self._where else None
+        if where is not None:                 # the variable holding the word
+            first = int(n.offset[n.owner == owner].min())
+            name += f" ({where(at - first)})"
+        return name
 
 
 def to_ram(kernel, ram: RamCopy, owner, va, length) -> Segments:
@@ -233,22 +249,76 @@ def _kernel_roots(kernel, live_stacks) -> list[tuple[int, int, str]]:
     return out + list(live_stacks)
 
 
-def _inventory(kernel, ram: RamCopy, pages: mm.Pages, addresses, sizes, inv=None):
-    """(inventory, untracked slab objects, their sizes), or None when the slabs
-    cannot be read (the scan then takes all allocated RAM as roots). `inv`: the
-    snapshot's inventory, if the caller has it already."""
+@dataclass
+class Untracked:
+    """Live objects the table lacks (allocated before tracing), from the
+    inventories: SLUB's objects, vmalloc's areas and the per-CPU allocator's
+    areas, in address order (per-CPU ones by their per-CPU pointer)."""
+
+    inventory: "slub.Inventory"
+    addresses: np.ndarray          # uint64
+    sizes: np.ndarray              # int64
+    kinds: np.ndarray              # Kind
+    flags: np.ndarray              # Flags: NOT_LEAK for per-CPU areas
+    callers: np.ndarray            # uint64: vm_struct.caller, 0 if unknown
+    cache: np.ndarray              # index in cache_names, -1 for none
+    cache_names: list[str]
+
+
+def _untracked(kernel, ram: RamCopy, pages: mm.Pages, addresses, sizes, inv,
+               exclude: list[tuple[int, int]], percpu_chunks) -> Untracked | None:
+    """The inventoried objects that no tracked object holds, or None when the
+    slabs cannot be read (the scan then takes all allocated RAM as roots). `inv`:
+    the snapshot's SLUB inventory, if the caller has it already. vmalloc areas
+    overlapping `exclude` (roots: module memory, task stacks) stay roots.
+    `percpu_chunks`: the per-CPU allocator's map, or None."""
     if inv is None:
         try:
             inv = slub.inventory(kernel, ram, pages)
         except QemuleakError:
             return None
-    extra, extra_sizes = inv.addresses, inv.sizes
+    try:
+        areas = vmalloc.allocations(kernel)
+    except QemuleakError:
+        areas = []
+    start = np.array([a for a, _, _ in areas], np.uint64)
+    size = np.array([n for _, n, _ in areas], np.int64)
+    keep = ~_overlapping(start, start + size.astype(np.uint64), exclude)
+    pcpu = percpu_chunks.cookies() if percpu_chunks is not None else np.zeros(0, np.uint64)
+    counts = (len(inv.addresses), int(keep.sum()), len(pcpu))
+    fill = lambda values: np.concatenate([np.full(n, v) for n, v in zip(counts, values)])  # noqa: E731
+    extra = np.concatenate([inv.addresses.astype(np.uint64), start[keep], pcpu])
+    order = np.argsort(extra, kind="stable")
+    u = Untracked(
+        inv, extra[order],
+        np.concatenate([inv.sizes.astype(np.int64), size[keep],
+                        percpu_chunks.size if percpu_chunks is not None else []])[order],
+        fill([int(Kind.CACHE), int(Kind.VMALLOC), int(Kind.PERCPU)])[order],
+        # kmemleak scans per-CPU areas always and never reports them: they are
+        # reached through per-CPU pointers and per_cpu_ptr() results alike
+        fill([0, 0, int(Flags.NOT_LEAK)])[order],
+        np.concatenate([np.zeros(counts[0], np.uint64),
+                        np.array([c for _, _, c in areas], np.uint64)[keep],
+                        np.zeros(counts[2], np.uint64)])[order],
+        np.concatenate([np.asarray(inv.cache, np.int64), np.full(sum(counts[1:]), -1)])[order],
+        [c.name for c in inv.caches])
     # a tracked object may sit in a slot (the tracer knows its real size)
-    j = np.searchsorted(addresses, extra, side="right").astype(np.int64) - 1
-    inside = np.zeros(len(extra), bool)
+    j = np.searchsorted(addresses, u.addresses, side="right").astype(np.int64) - 1
     if len(addresses):
-        inside = (j >= 0) & (extra < (addresses + sizes)[np.maximum(j, 0)])
-    return inv, extra[~inside], extra_sizes[~inside]
+        inside = (j >= 0) & (u.addresses < (addresses + sizes)[np.maximum(j, 0)])
+        for f in ("addresses", "sizes", "kinds", "flags", "callers", "cache"):
+            setattr(u, f, getattr(u, f)[~inside])
+    return u
+
+
+def _overlapping(starts: np.ndarray, ends: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Which [start, end) ranges overlap any of `spans` (start, size)."""
+    if not spans or not len(starts):
+        return np.zeros(len(starts), bool)
+    s = np.array(sorted(spans), np.uint64)
+    reach_end = np.maximum.accumulate(s[:, 0] + s[:, 1])
+    j = np.searchsorted(s[:, 0], ends, side="left").astype(np.int64) - 1
+    return (j >= 0) & (reach_end[np.maximum(j, 0)] > starts)
 
 
 def _merge(addresses: np.ndarray, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -308,6 +378,15 @@ def _freed_slab_objects(kernel, ram: RamCopy, pages: mm.Pages, freed: dict[int, 
     return to_ram(kernel, ram, np.full(len(va), -1), va, size)
 
 
+def _free_percpu(kernel, ram: RamCopy, chunks: "percpu.ChunkMap", cpus) -> Segments:
+    """The per-CPU chunks' free space on every CPU: stale words of freed per-CPU
+    areas, no roots."""
+    va = chunks.free_base + chunks.free_start.astype(np.uint64)
+    return to_ram(kernel, ram, np.full(len(va) * len(cpus), -1),
+                  np.concatenate([va + np.uint64(kernel.percpu_offset(c)) for c in cpus]),
+                  np.tile(chunks.free_size, len(cpus)))
+
+
 def _zero(ram: RamCopy, segments: Segments) -> None:
     for off, n in zip(segments.offset.tolist(), segments.length.tolist()):
         ram.data[off:off + n] = 0
@@ -340,33 +419,42 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
     tracked = np.ones(len(addresses), bool)
     guest = kernel.guest
     ram = snapshot.ram
-    inventoried = None
+    untracked = None
     with guest_frozen(guest, snapshot):
+        live, dead, cached = _stack_spans(kernel, snapshot, options.stack)
+        spans = _kernel_roots(kernel, live)
+        cpus = percpu.possible_cpus(kernel)
         if options.untracked == "roots":
             pages = mm.Pages(kernel, ram.ranges)
-            inventoried = _inventory(kernel, ram, pages, addresses, sizes, inventory)
-        if inventoried is not None:
-            # slab objects from before tracing are objects too (never reported)
-            inv, extra, extra_sizes = inventoried
-            n = len(extra)
-            addresses, order = _merge(addresses, extra)
-            sizes = np.concatenate([sizes, extra_sizes.astype(sizes.dtype)])[order]
-            kinds = np.concatenate([kinds, np.full(n, int(Kind.CACHE), kinds.dtype)])[order]
-            flags = np.concatenate([flags, np.zeros(n, flags.dtype)])[order]
+            try:
+                chunks = percpu.chunk_map(kernel)
+            except QemuleakError:
+                chunks = None
+            untracked = _untracked(kernel, ram, pages, addresses, sizes, inventory,
+                                   [(a, n) for a, n, _ in spans] + dead, chunks)
+        extra = np.full(len(addresses), -1)     # index in `untracked`, per object
+        if untracked is not None:
+            # objects from before tracing are objects too (reported only with `all`)
+            u = untracked
+            n = len(u.addresses)
+            addresses, order = _merge(addresses, u.addresses)
+            sizes = np.concatenate([sizes, u.sizes.astype(sizes.dtype)])[order]
+            kinds = np.concatenate([kinds, u.kinds.astype(kinds.dtype)])[order]
+            flags = np.concatenate([flags, u.flags.astype(flags.dtype)])[order]
             seqs = np.concatenate([seqs, np.full(n, np.iinfo(seqs.dtype).max, seqs.dtype)])[order]
             tracked = np.concatenate([tracked, np.zeros(n, bool)])[order]
-        cpus = percpu.possible_cpus(kernel)
+            extra = np.concatenate([np.full(len(order) - n, -1), np.arange(n)])[order]
         contents = _object_contents(kernel, ram, addresses, sizes, kinds, cpus)
-        live, dead, cached = _stack_spans(kernel, snapshot, options.stack)
         meta = allocator_words(kernel)
         ends = addresses + sizes
-        spans = _kernel_roots(kernel, live)
         named = to_ram(kernel, ram, np.arange(len(spans)), [s for s, _, _ in spans],
                        [n for _, n, _ in spans])
-        if inventoried is not None:
+        if untracked is not None:
             # allocated RAM but the slabs: their free objects hold only stale words
-            roots = _allocated_ram(ram, pages, but=inventoried[0].slab_pages)
-            stale = Segments.empty()
+            # (vmalloc areas held as objects: a root word in an object is no root)
+            roots = _allocated_ram(ram, pages, but=untracked.inventory.slab_pages)
+            stale = _free_percpu(kernel, ram, chunks, cpus) if chunks is not None \
+                else Segments.empty()
         elif options.untracked == "roots":
             roots = _allocated_ram(ram, pages)
             stale = _freed_slab_objects(kernel, ram, pages, freed or {}, addresses, ends)
@@ -388,7 +476,8 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
     untag = guest.arch.untag_words
     result = reach.reachability(ram.data, addresses, ends, min_count, contents, roots,
                                 registers, untag, scan_ok)
-    reportable = ((flags & int(Flags.NOT_LEAK | Flags.IGNORE)) == 0) & tracked
+    reportable = ((flags & int(Flags.NOT_LEAK | Flags.IGNORE)) == 0) & \
+        (tracked | options.all_objects)
     white = ~result.gray & reportable
     src, dst = reach.leak_edges(ram.data, addresses, ends, contents, white, untag)
     direct = reach.classify(white, src, dst, seqs)
@@ -400,18 +489,54 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
     first = dict(zip(owners[keep].tolist(), contents.offset[order][at[keep]].tolist()))
     leaks = []
     for i in np.flatnonzero(white)[np.argsort(seqs[white], kind="stable")].tolist():
+        kind = "direct" if direct[i] else "indirect"
+        if extra[i] >= 0:                  # from before tracing: no record
+            leaks.append(_untracked_leak(untracked, int(extra[i]), kind, ram, first.get(i),
+                                         symbolizer))
+            continue
         r = table.get(int(addresses[i]))
         head = min(r.size, 32)
         hexdump = ram.data[first[i]:first[i] + head].tobytes() if i in first else b""
         age = (now_jiffies - r.jiffies) / ticks if now_jiffies >= r.jiffies else 0.0
-        leaks.append(Leak(r.address, r.size, r.comm, r.pid, r.cpu, r.jiffies, age,
-                          "direct" if direct[i] else "indirect",
+        leaks.append(Leak(r.address, r.size, r.comm, r.pid, r.cpu, r.jiffies, age, kind,
                           frames(symbolizer, r.backtrace), hexdump, r.seq,
                           r.kind.name.lower(), r.cache))
     return Result(leaks, len(addresses), result.bytes_scanned, snapshot.time, snapshot.paused_s,
                   time.perf_counter() - started, result.waves, addresses, result.counts,
                   states.tolist(), contents, roots, ram, registers, untag, ends, named,
-                  [w for _, _, w in spans])
+                  [w for _, _, w in spans], _symbolic(kernel, spans, symbolizer))
+
+
+def _symbolic(kernel, spans, symbolizer: Symbolizer) -> list:
+    """Per root span, a function from an offset in it to the symbol there (the
+    kernel's sections and the static per-CPU areas, whose symbols are their CPU-0
+    link addresses), or None."""
+    pcpu = kernel.symbols.get("__per_cpu_start")
+    out = []
+    for start, _, what in spans:
+        if what.startswith(("kernel .", "ro_after_init")):
+            out.append(lambda off, start=start: symbolizer.format(start + off))
+        elif what.startswith("static per-CPU area") and pcpu is not None:
+            out.append(lambda off: percpu.variable(kernel.symbols, pcpu + off))
+        else:
+            out.append(None)
+    return out
+
+
+def _untracked_leak(u: Untracked, j: int, kind: str, ram: RamCopy, first: int | None,
+                    symbolizer: Symbolizer) -> Leak:
+    """A leak allocated before tracing: no comm, pid or age; the backtrace is
+    vmalloc's caller when the area has one, else unknown."""
+    size = int(u.sizes[j])
+    hexdump = ram.data[first:first + min(size, 32)].tobytes() if first is not None else b""
+    caller = int(u.callers[j])
+    cache = u.cache_names[int(u.cache[j])] if u.cache[j] >= 0 else None
+    return Leak(int(u.addresses[j]), size, "", 0, 0, 0, 0.0, kind,
+                frames(symbolizer, (caller,) if caller else ()), hexdump, UNTRACKED_SEQ,
+                Kind(int(u.kinds[j])).name.lower(), cache)
+
+
+UNTRACKED_SEQ = 1 << 62       # after every tracked leak
 
 
 def frames(symbolizer: Symbolizer, backtrace) -> tuple[Frame, ...]:

@@ -57,7 +57,8 @@ def run_scan(target: str, options: ReportOptions, label: str = "scan", vmlinux=N
         table, tracked, inv = inventory_table(kernel, snapshot)
         if not tracked:
             print(HINT_TRACKS, file=err)
-        result = scan(kernel, table, snapshot, Options(stack=options.stack, untracked="roots"),
+        result = scan(kernel, table, snapshot, Options(stack=options.stack, untracked="roots",
+                                                   all_objects=options.all_objects),
                       Symbolizer(kernel), inventory=inv)
     leaks, suppressed = report.filter_leaks(result.leaks, suppressions=options.suppressions,
                                             module=options.module_filter, min_age=options.min_age)

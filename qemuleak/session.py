@@ -36,6 +36,7 @@ class ReportOptions:
     min_age: float = 0.0
     stack: bool = True
     untracked: str = "roots"
+    all_objects: bool = False            # report objects from before tracing too
 
 
 class Session:
@@ -62,7 +63,7 @@ class Session:
         self.symbolizer.refresh()
         o = self.options
         result = scan(self.kernel, self.table, freeze(self.guest),
-                      Options(stack=o.stack, untracked=o.untracked),
+                      Options(o.stack, o.untracked, o.all_objects),
                       self.symbolizer, self.tracer.freed)
         self.last = result
         leaks, suppressed = report.filter_leaks(result.leaks, suppressions=o.suppressions,

@@ -14,6 +14,7 @@ LEAKY_SIZES = {
     "backtrace_leak": 112, "bss_kept": 128, "percpu_kept": 144, "interior_kept": 256,
     "stack_kept": 192, "register_kept": 160, "krealloc_grown": 56, "krealloc_moved": 300,
     "percpu_leak": 48, "softirq_kept": 88, "hardirq_kept": 72, "rcu_freed": 96,
+    "kvmalloc_small": 200, "kvmalloc_big": 5 << 20,
 }
 LEAKY_LEAKS = {"kmalloc_leak", "cache_leak", "vmalloc_leak", "list_head", "list_node1",
                "list_node2", "list_node3", "list_node4", "backtrace_leak",

@@ -7,7 +7,7 @@ tracks with their stack depot backtraces, and the scan, on guests of each size.
 For each --memory size, boots the test guest (2 vCPUs, TCG, shared-RAM memfd) with
 slub_debug=U, loads leaky and lets allocstorm run without end (a busy kernel);
 then, --runs times: freeze (the guest stands still only for the RAM copy), the
-inventory of every slab object, the table with tracks and backtraces (what
+inventory of every slab object, the vmalloc areas and per-CPU areas, the table with tracks and backtraces (what
 `qemuleak scan` builds), and the scan. Prints seconds per step and objects per
 second for the inventory.
 """
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qemuleak.guest import Guest  # noqa: E402
 from qemuleak.images import find_image  # noqa: E402
-from qemuleak.kernel import slub  # noqa: E402
+from qemuleak.kernel import percpu, slub, vmalloc  # noqa: E402
 from qemuleak.kernel.kernel import Kernel  # noqa: E402
 from qemuleak.kernel.modules import Symbolizer  # noqa: E402
 from qemuleak.scan import Options, scan  # noqa: E402
@@ -47,22 +47,26 @@ def bench_size(image, arch: str, memory_mib: int, runs: int, tmp: Path) -> None:
             guest.resume()
             print(f"\n== {memory_mib} MiB guest, slub_debug=U, allocstorm running")
             print(f"  {'run':<4} {'paused s':>9} {'inventory s':>12} {'objects':>8} "
-                  f"{'Mobj/s':>7} {'tracks+stacks s':>16} {'scan s':>7} {'leaks':>6}")
+                  f"{'Mobj/s':>7} {'vmalloc+pcpu s':>15} {'tracks+stacks s':>16} "
+                  f"{'scan s':>7} {'leaks':>6}")
             rows = []
             for i in range(runs):
                 snap = freeze(guest)
                 with guest_frozen(guest, snap):
                     inv, inv_s = timed(lambda: slub.inventory(kernel, snap.ram))
+                    _, other_s = timed(lambda: (vmalloc.allocations(kernel),
+                                                percpu.chunk_map(kernel)))
                 (table, _, inv), table_s = timed(lambda: inventory_table(kernel, snap))
                 result, scan_s = timed(lambda: scan(kernel, table, snap, Options(), symbolizer,
                                                     inventory=inv))
                 n = len(inv.addresses)
-                rows.append((inv_s, table_s, scan_s))
+                rows.append((inv_s, table_s, scan_s, other_s))
                 print(f"  {i + 1:<4} {snap.paused_s:9.3f} {inv_s:12.3f} {n:8d} "
-                      f"{n / inv_s / 1e6:7.2f} {table_s - inv_s:16.3f} {scan_s:7.3f} "
-                      f"{len(result.leaks):6d}")
+                      f"{n / inv_s / 1e6:7.2f} {other_s:15.3f} {table_s - inv_s:16.3f} "
+                      f"{scan_s:7.3f} {len(result.leaks):6d}")
             med = statistics.median
-            print(f"  median: inventory {med(r[0] for r in rows):.3f} s, tracks and stacks "
+            print(f"  median: inventory {med(r[0] for r in rows):.3f} s, vmalloc and per-CPU "
+                  f"{med(r[3] for r in rows):.3f} s, tracks and stacks "
                   f"{med(r[1] - r[0] for r in rows):.3f} s, scan {med(r[2] for r in rows):.3f} s")
 
 

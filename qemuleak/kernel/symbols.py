@@ -272,7 +272,8 @@ class SymbolTable:
 
     @classmethod
     def from_vmlinux(cls, path: str | Path) -> SymbolTable:
-        """Read the .symtab of a vmlinux ELF (sizes from st_size where non-zero)."""
+        """Read the .symtab of a vmlinux ELF: functions sized as kallsyms sizes
+        them (to the next symbol), data from st_size where non-zero."""
         from elftools.common.exceptions import ELFError
         from elftools.elf.elffile import ELFFile
 
@@ -354,8 +355,11 @@ class SymbolTable:
             keep.append(k)
         sel = idx[np.asarray(keep, np.int64)]
         addresses = syms["value"][sel].astype(U64)
-        sizes = syms["size"][sel].astype(U64)
         types = letter[sel].astype(np.uint8)
+        # Code as kallsyms sizes it for %pS: up to the next symbol, alignment
+        # padding included (st_size stops before it); data keeps st_size.
+        code = (types == ord("T")) | (types == ord("t"))
+        sizes = np.where(code, U64(0), syms["size"][sel].astype(U64))
         _require_kernel(names, what, "not a kernel image", "pass the guest kernel's vmlinux")
         return cls._kernel_table(addresses, sizes, names, types)
 

@@ -74,3 +74,28 @@ def for_each_vmap_area(kernel, limit: int = 1 << 20) -> list[VmapArea]:
                 vm = 0
             out.append(VmapArea(word(start_off), word(end_off), va, vm, caller, flags))
     return out
+
+
+# vm_struct.flags (include/linux/vmalloc.h; the same values since 2.6)
+VM_ALLOC = 0x2
+VM_UNINITIALIZED = 0x20
+VM_NO_GUARD = 0x40
+PAGE = 4096
+
+
+def allocations(kernel, areas: list[VmapArea] | None = None) -> list[tuple[int, int, int]]:
+    """What vmalloc handed out, as (start, size, caller): busy VM_ALLOC areas that
+    are set up, at the size their user has (the guard page left out). Per-CPU
+    chunks are left out: they hold many allocations of the per-CPU allocator,
+    and no user points at them."""
+    pcpu = kernel.symbols.get("pcpu_get_vm_areas")
+    out = []
+    for a in areas if areas is not None else for_each_vmap_area(kernel):
+        if not a.vm or a.flags & (VM_ALLOC | VM_UNINITIALIZED) != VM_ALLOC:
+            continue
+        if pcpu is not None and a.caller == pcpu:
+            continue
+        size = a.end - a.start - (0 if a.flags & VM_NO_GUARD else PAGE)
+        if size > 0:
+            out.append((a.start, size, a.caller))
+    return out

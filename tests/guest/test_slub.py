@@ -13,6 +13,7 @@ from qemuleak import report
 from qemuleak.errors import QemuleakError
 from qemuleak.guest import Guest
 from qemuleak.kernel.kernel import Kernel
+from qemuleak.kernel import percpu, vmalloc
 from qemuleak.kernel.slub import inventory
 from qemuleak.snapshot import freeze, guest_frozen
 from tests.groundtruth import parse_objects
@@ -65,7 +66,26 @@ def test_inventory_agrees_with_tracer(boot, guest_image):
         snap = freeze(s.guest)
         with guest_frozen(s.guest, snap):
             inv = inventory(s.kernel, snap.ram)
+            areas = {a: n for a, n, _ in vmalloc.allocations(s.kernel)}
+            chunks = percpu.chunk_map(s.kernel)
         assert not inv.broken, inv.broken
+        # vmalloc areas and per-CPU areas: every one the tracer holds, at its size
+        # as the allocator rounds it: whole pages (2 MiB ones when vmalloc maps
+        # the area with huge pages, as kvmalloc asks from 2 MiB on); 4-byte units
+        pcpu = dict(zip(chunks.cookies().tolist(), chunks.size.tolist()))
+        kinds = {"VMALLOC": (areas, 4096), "PERCPU": (pcpu, 4)}
+        others = [(r.kind.name, hex(r.address), r.size) for r in s.table if r.kind.name in kinds]
+        assert sum(k == "PERCPU" for k, _, _ in others) >= 1, others
+
+        def rounded(kind, size, got):
+            unit = kinds[kind][1] if size < 2 << 20 or got % (2 << 20) else 2 << 20
+            return got == -(-size // unit) * unit
+        wrong = [(k, a, n, kinds[k][0].get(int(a, 16))) for k, a, n in others
+                 if not rounded(k, n, kinds[k][0].get(int(a, 16), -1))]
+        assert not wrong, wrong
+        assert areas[objs["vmalloc_leak"].address] == 4 * 4096
+        assert areas[objs["kvmalloc_big"].address] == 6 << 20
+        assert pcpu[objs["percpu_leak"].address] == 48
         allocated = set(inv.addresses.tolist())
         slab = [r for r in s.table if r.kind.name in ("KMALLOC", "CACHE") and r.cache]
         assert len(slab) > 20, len(slab)
@@ -108,6 +128,19 @@ def slab_code_on_cpus(s, snap) -> list[list[str]]:
     return busy
 
 
+def scan_command(vm, guest_image, out, *args) -> dict[int, dict]:
+    """`qemuleak scan --module-filter leaky` (exit code 1: leaks) -> leaks by address."""
+    p = subprocess.run([sys.executable, "-m", "qemuleak.cli", "scan", vm.gdb_target,
+                        "--system-map", str(guest_image.system_map), "--format", "json",
+                        "--output", str(out), "--module-filter", "leaky", *args],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr
+    assert "slub_debug=U" not in p.stderr, p.stderr          # tracks were found
+    doc = json.loads(out.read_text())
+    jsonschema.validate(doc, report.JSON_SCHEMA)
+    return {int(x["address"], 16): x for x in doc["scans"][0]["leaks"]}
+
+
 def test_scan_command_with_slub_tracks(boot, guest_image, tmp_path):
     """`qemuleak scan` on a slub_debug=U guest that loaded leaky before qemuleak
     ever connected: leaky's slab leaks, with the backtraces SLUB recorded; none
@@ -117,15 +150,7 @@ def test_scan_command_with_slub_tracks(boot, guest_image, tmp_path):
     vm.wait_for_line("leaky: ready", timeout=120)
     objs = parse_objects(vm.console_text())
     out = tmp_path / "scan.json"
-    p = subprocess.run([sys.executable, "-m", "qemuleak.cli", "scan", vm.gdb_target,
-                        "--system-map", str(guest_image.system_map), "--format", "json",
-                        "--output", str(out), "--module-filter", "leaky"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1, p.stderr
-    assert "slub_debug=U" not in p.stderr, p.stderr          # tracks were found
-    doc = json.loads(out.read_text())
-    jsonschema.validate(doc, report.JSON_SCHEMA)
-    leaks = {int(x["address"], 16): x for x in doc["scans"][0]["leaks"]}
+    leaks = scan_command(vm, guest_image, out)
     # leaky's own cache held nothing before: no stale word can hide cache_leak
     leak = leaks[objs["cache_leak"].address]
     symbols = [f["symbol"].split("+")[0] for f in leak["backtrace"]]
@@ -136,8 +161,18 @@ def test_scan_command_with_slub_tracks(boot, guest_image, tmp_path):
                   "krealloc_moved"}
     found = {n for n, o in objs.items() if o.address in leaks}
     assert found <= slab_leaks, sorted(found)
-    assert not {"bss_kept", "interior_kept", "stack_kept", "register_kept", "percpu_kept",
-                "softirq_kept", "hardirq_kept"} & found
+    kept = {"bss_kept", "interior_kept", "stack_kept", "register_kept", "percpu_kept",
+            "softirq_kept", "hardirq_kept"}
+    assert not kept & found
+    # --all: vmalloc areas from the inventory too, with vm_struct's caller
+    leaks = scan_command(vm, guest_image, out, "--all")
+    found = {n for n, o in objs.items() if o.address in leaks}
+    assert "vmalloc_leak" in found and found <= slab_leaks | {"vmalloc_leak"}, sorted(found)
+    assert not kept & found
+    area = leaks[objs["vmalloc_leak"].address]
+    assert area["size"] == 4 * 4096, area                     # whole pages, guard page left out
+    assert area["backtrace"][0]["symbol"].startswith("make_leaks+"), area["backtrace"]
+    assert area["backtrace"][0]["module"] == "leaky"
     # the guest runs on
     vm.send_line("echo alive-$((40+2))")
     vm.wait_for_line("alive-42", timeout=30)

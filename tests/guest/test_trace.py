@@ -20,7 +20,8 @@ from tests.groundtruth import LEAKY_SIZES, parse_objects
 
 pytestmark = pytest.mark.guest
 
-KINDS = {"cache_leak": Kind.CACHE, "vmalloc_leak": Kind.VMALLOC, "percpu_leak": Kind.PERCPU}
+KINDS = {"cache_leak": Kind.CACHE, "vmalloc_leak": Kind.VMALLOC, "percpu_leak": Kind.PERCPU,
+         "kvmalloc_big": Kind.VMALLOC}
 # The functions of leaky.c in each object's backtrace, innermost first, and who runs them.
 CALLERS = {"kmalloc_leak": ("alloc_named", "make_leaks", "leaky_init"),
            "cache_leak": ("make_leaks", "leaky_init"),
@@ -29,6 +30,8 @@ CALLERS = {"kmalloc_leak": ("alloc_named", "make_leaks", "leaky_init"),
            "backtrace_leak": ("backtrace_alloc", "make_leaks", "leaky_init"),
            "bss_kept": ("alloc_named", "make_kept", "leaky_init"),
            "percpu_kept": ("alloc_named", "make_kept", "leaky_init"),
+           "kvmalloc_small": ("make_kept", "leaky_init"),
+           "kvmalloc_big": ("make_kept", "leaky_init"),
            "interior_kept": ("alloc_named", "make_kept", "leaky_init"),
            "krealloc_grown": ("make_leaks", "leaky_init"),
            "krealloc_moved": ("make_leaks", "leaky_init"),
@@ -118,6 +121,10 @@ def test_leaky_allocations_and_frees(boot, guest_image, arch):
             if r.comm == "insmod":                  # then the module loader, as in dump_stack
                 assert any(f.startswith("do_init_module+") for f in frames), (name, frames)
         assert tracer.stats.allocs >= len(LEAKY_SIZES)
+        # kvzalloc: the small object from kmalloc (kvmalloc_node tail-calls it, so
+        # its frame is gone, as in the kernel's own backtraces), the big one from
+        # vmalloc, after kmalloc said no: a NULL return, no object
+        assert tracer.stats.null_returns >= 1 and table.get(0) is None
         assert not guest.rsp.breakpoints
 
         # kfree_rcu: the free is recorded when RCU really frees it, a grace period on.

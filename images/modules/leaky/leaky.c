@@ -23,6 +23,10 @@
  * hardirq_kept (allocated in a timer's and an hrtimer's callback: kmemleak's comm is
  * "softirq" / "hardirq", pid 0; kept in .bss).
  *
+ * kvmalloc_small and kvmalloc_big (kept in .bss) come from kvzalloc(): the small
+ * one from kmalloc, the big one, too big for kmalloc (which returns NULL first),
+ * from vmalloc.
+ *
  * rcu_freed is handed to kfree_rcu() at load: freed for real after a grace period.
  */
 #include <linux/completion.h>
@@ -62,6 +66,8 @@ static struct kmem_cache *leaky_cache;
 static void *bss_ref;
 static DEFINE_PER_CPU(void *, pcpu_ref);
 static void *interior_ref;
+static void *kv_small, *kv_big;
+#define KV_BIG_SIZE (5UL << 20)		/* over KMALLOC_MAX_SIZE (4 MiB with 4 KiB pages) */
 
 static struct task_struct *sleeper, *spinner_task;
 static void *softirq_ref, *hardirq_ref;
@@ -284,6 +290,13 @@ static noinline int make_kept(void)
 	interior_ref = (char *)p + 100;
 	pr_info("leaky: ref interior_kept %px\n", interior_ref);
 
+	kv_small = kvzalloc(200, GFP_KERNEL);
+	announce("kvmalloc_small", kv_small, 200);
+	kv_big = kvzalloc(KV_BIG_SIZE, GFP_KERNEL);
+	announce("kvmalloc_big", kv_big, KV_BIG_SIZE);
+	if (!kv_small || !kv_big)
+		return -ENOMEM;
+
 	/* Allocations in interrupt context: a timer (softirq), an hrtimer (hardirq). */
 	timer_setup(&soft_timer, soft_fn, 0);
 	hrtimer_init(&hard_timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL_HARD);
@@ -329,6 +342,8 @@ static void free_all(void)
 	kfree(softirq_ref);
 	kfree(hardirq_ref);
 	kfree(bss_ref);
+	kvfree(kv_small);
+	kvfree(kv_big);
 	kfree(per_cpu(pcpu_ref, 0));
 	if (interior_ref)
 		kfree((char *)interior_ref - 100);
