@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Build and cache the test guests: Debian cloud kernel, debug vmlinux, System.map,
-config, busybox initramfs base, and our test modules, per architecture.
+config, busybox initramfs base, our test modules, and a disk-root guest (a busybox
+rootfs.ext2 made with mke2fs -d, no root rights needed, and a loader initrd with the
+kernel's own virtio_blk module and what it depends on), per architecture.
 
     python images/build.py [--arch x86_64|arm64|all] [--force]
 
@@ -12,7 +14,9 @@ skipped when its output is already there: a second run takes seconds.
 """
 
 import argparse
+import gzip
 import hashlib
+import lzma
 import os
 import re
 import shutil
@@ -26,9 +30,14 @@ sys.path.insert(0, str(HERE.parent))
 
 from qemuleak.arch import Arch, all_arches, get_arch  # noqa: E402
 from qemuleak.images import GuestImage, arch_dir, cache_root, write_manifest  # noqa: E402
+from qemuleak import initramfs  # noqa: E402
 from qemuleak.initramfs import build_base  # noqa: E402
 
 MODULES = ("leaky", "allocstorm")
+# What the loader initrd loads (with their dependencies) unless built in: the virtio
+# PCI transport, the disk driver, and ext4 (which mounts ext2 on Debian's kernels).
+LOADER_DRIVERS = ("virtio_pci", "virtio_blk", "ext4")
+ROOTFS_MIB = 16
 
 
 class BuildError(Exception):
@@ -198,6 +207,108 @@ def build_modules(arch: Arch, out: Path, tree: Path, force: bool) -> dict[str, P
     return built
 
 
+def build_disk_root(arch: Arch, out: Path, release: str, version: str,
+                    busybox: Path) -> tuple[Path, Path]:
+    """(rootfs.ext2, loader initrd): a buildroot-like guest whose root is a disk.
+
+    The rootfs is a busybox tree with the base initramfs's init as /sbin/init, made
+    into ext2 by `mke2fs -d` and given /dev/console by debugfs (no root rights). The
+    loader initrd holds the kernel's own modules that the disk root needs, from the
+    linux-image .deb, decompressed, dependencies first."""
+    rootfs, loader = out / "rootfs.ext2", out / "loader-initrd.cpio.gz"
+    stamp = out / "disk-root.src"
+    h = hashlib.sha256(busybox.read_bytes())
+    for part in (initramfs.INIT_SCRIPT, initramfs.PROFILE, initramfs.LOADER_INIT, version,
+                 *initramfs.ROOT_DIRS, *LOADER_DRIVERS, str(ROOTFS_MIB)):
+        h.update(part.encode() + b"\0")
+    digest = h.hexdigest()[:16]
+    if rootfs.is_file() and loader.is_file() and stamp.is_file() and stamp.read_text() == digest:
+        return rootfs, loader
+    log(f"{arch.name}: disk-root guest (rootfs.ext2, loader initrd)")
+    (image_deb,) = download([f"{pkg('linux-image-' + release, arch)}={version}"]).values()
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        t = Path(tmp)
+        tree = t / "root"
+        for d in initramfs.ROOT_DIRS:
+            (tree / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy(busybox, tree / "bin/busybox")
+        (tree / "bin/sh").symlink_to("busybox")
+        (tree / "sbin/init").write_text(initramfs.INIT_SCRIPT)
+        (tree / "etc/profile").write_text(initramfs.PROFILE)
+        for f, mode in (("bin/busybox", 0o755), ("sbin/init", 0o755), ("etc/profile", 0o644)):
+            (tree / f).chmod(mode)
+        image = t / "rootfs.ext2"
+        run([sbin_tool("mke2fs"), "-q", "-F", "-t", "ext2", "-L", "qemuleak-root",
+             "-E", "root_owner=0:0", "-d", str(tree), str(image), f"{ROOTFS_MIB}M"])
+        # device nodes need root rights on the host, not in an image
+        (t / "debugfs.cmd").write_text("cd /dev\nmknod console c 5 1\nsif console mode 020600\n"
+                                      "mknod null c 1 3\nsif null mode 020666\n")
+        run([sbin_tool("debugfs"), "-w", "-f", str(t / "debugfs.cmd"), str(image)])
+        extract(image_deb, t / "deb", [f"./lib/modules/{release}/*"])
+        modules = loader_modules(t / "deb/lib/modules" / release, LOADER_DRIVERS)
+        log(f"{arch.name}: loader modules: {' '.join(name for name, _ in modules) or 'none'}")
+        initramfs.build_loader(busybox, modules, loader)
+        os.replace(image, rootfs)
+    stamp.write_text(digest)
+    return rootfs, loader
+
+
+def sbin_tool(name: str) -> str:
+    """e2fsprogs' tools live in /sbin, which a user's PATH may lack."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        raise BuildError(f"{name} not found; run `make setup` (it installs e2fsprogs)")
+    return found
+
+
+def loader_modules(moddir: Path, wanted: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    """(name, .ko contents) of the `wanted` modules and their dependencies (from each
+    module's .modinfo depends=), dependencies first; built-in ones left out."""
+    def norm(name: str) -> str:
+        return name.split(".ko")[0].replace("-", "_")
+    builtin = {norm(Path(line).name) for line in
+               (moddir / "modules.builtin").read_text().split()}
+    files = {norm(f.name): f for f in moddir.rglob("*.ko*")}
+    order: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        name = norm(name)
+        if name in builtin or name in seen:
+            return
+        if name not in files:
+            raise BuildError(f"module {name} is neither built in nor in {moddir}")
+        seen.add(name)
+        data = ko_bytes(files[name])
+        m = re.search(rb"(?:^|\0)depends=([^\0]*)\0", data)
+        for dep in (m.group(1).decode().split(",") if m and m.group(1) else []):
+            visit(dep)
+        order.append((name, data))
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+def ko_bytes(path: Path) -> bytes:
+    """A module file's contents, decompressed (.ko, .ko.xz, .ko.gz, .ko.zst)."""
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".zst"):
+        return run_bytes(["zstd", "-dc", str(path)])
+    return data
+
+
+def run_bytes(cmd: list[str]) -> bytes:
+    try:
+        return subprocess.run(cmd, check=True, capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise BuildError(f"{' '.join(cmd)} failed: {e}") from None
+
+
 def build(arch: Arch, force: bool) -> GuestImage:
     release, version = resolve_kernel(arch)
     out = arch_dir(arch.name) / release
@@ -207,10 +318,12 @@ def build(arch: Arch, force: bool) -> GuestImage:
     base = build_busybox(arch, out)
     tree = build_headers(arch, out, release, version)
     modules = build_modules(arch, out, tree, force)
+    rootfs, loader = build_disk_root(arch, out, release, version, out / "busybox")
     image = GuestImage(arch=arch.name, release=release, version=version,
                        kernel=out / "kernel", vmlinux=out / "vmlinux",
                        system_map=out / "System.map", config=out / "config",
-                       busybox=out / "busybox", base_initramfs=base, modules=modules)
+                       busybox=out / "busybox", base_initramfs=base, modules=modules,
+                       rootfs=rootfs, loader_initrd=loader)
     write_manifest(out, image)
     (arch_dir(arch.name) / "current").write_text(release + "\n")
     return image

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the host packages qemuleak needs, only those missing: QEMU for both arches,
-# cpio, make, the arm64 cross compiler, and kbuild's build tools. Enables Debian's
+# cpio, make, the arm64 cross compiler, kbuild's build tools, and e2fsprogs (mke2fs
+# -d makes the test guests' rootfs.ext2 without root rights). Enables Debian's
 # arm64 architecture so images/build.py can download arm64 kernels, headers and
 # busybox (they are unpacked into the cache, never installed). Fast when all is there.
 set -euo pipefail
@@ -10,7 +11,7 @@ SUDO=""
 
 PKGS=(qemu-system-x86 qemu-system-arm cpio make gcc gcc-12
       gcc-aarch64-linux-gnu gcc-12-aarch64-linux-gnu libc6-dev-arm64-cross
-      bc flex bison libelf-dev libssl-dev dpkg-dev xz-utils python3-venv gdb)
+      bc flex bison libelf-dev libssl-dev dpkg-dev xz-utils python3-venv gdb e2fsprogs)
 
 missing=()
 for p in "${PKGS[@]}"; do

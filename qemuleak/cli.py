@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "--scan-interval seconds and on request through --control (see "
                     "`qemuleak ctl`). Ctrl-C or SIGTERM: a final scan is written, every "
                     "breakpoint removed, and the guest runs on. Objects allocated before "
-                    "attaching are not reported (they are roots unless --untracked ignore). "
+                    "attaching are scanned when something reaches them, and reported only "
+                    "with --all. "
                     "Exit code: 0 no leaks, 1 leaks, 2 error.")
     add_target_args(p)
     p.add_argument("--scan-interval", type=float, default=600.0, metavar="SECONDS",
@@ -94,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--system-map", metavar="FILE", help="the kernel's System.map")
     p.add_argument("--initrd", metavar="FILE",
                    help="initramfs with a shell on the serial console (default: the "
-                        "busybox one `make images` builds); qemuleak appends its files")
+                        "busybox one `make images` builds; none with --drive); without "
+                        "--drive qemuleak appends its files, with it the initrd is used as is")
+    p.add_argument("--drive", metavar="ROOTFS.ext2",
+                   help="raw root disk image (e.g. buildroot's rootfs.ext2) as the first "
+                        "virtio disk, root=/dev/vda rw (a root=, ro or rw in --append wins); the "
+                        "image is never changed (snapshot); qemuleak's files come on a "
+                        "second disk that the guest unpacks into its root (busybox tar)")
     p.add_argument("--module", action="append", default=[], metavar="F.ko",
                    help="copy into the guest as /modules/NAME.ko (repeatable)")
     p.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
@@ -114,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "kmemleak's scan: objects nothing points to are reported. When the "
                     "guest was booted with slub_debug=U, SLUB's allocation tracks give "
                     "each leak its backtrace, pid, cpu and age; without them leaks have no "
-                    "backtrace. Only slab objects are candidates; untracked other memory "
-                    "(page tables, page cache, vmalloc) counts as roots. Exit code: 0 no "
-                    "leaks, 1 leaks, 2 error.")
+                    "backtrace. Slab objects are the candidates (and vmalloc areas with --all); "
+                    "per-CPU areas are scanned, never reported; other memory (page "
+                    "tables, page cache) counts as roots. Exit code: 0 no leaks, 1 leaks, "
+                    "2 error.")
     add_target_args(p)
     p.add_argument("--label", default="scan", help="the scan's label in the report")
     add_report_args(p, untracked=False)
@@ -178,6 +186,10 @@ def add_report_args(p, untracked: bool = True) -> None:
                         "needed)")
     p.add_argument("--stack", choices=("on", "off"), default="on",
                    help="scan task stacks (the live part, above each stack pointer)")
+    p.add_argument("--all", action="store_true", dest="all_objects",
+                   help="also report unreferenced objects allocated before qemuleak "
+                        "attached (from the SLUB and vmalloc inventories: no comm or "
+                        "age; the backtrace is vmalloc's caller or unknown)")
     if not untracked:
         return
     p.add_argument("--untracked", choices=("roots", "ignore"), default="roots",
@@ -209,7 +221,7 @@ def report_options(args):
     return ReportOptions(args.format, args.output,
                          Suppressions.load(args.suppressions) if args.suppressions else None,
                          args.module_filter, args.min_age, args.stack == "on",
-                         getattr(args, "untracked", "roots"))
+                         getattr(args, "untracked", "roots"), args.all_objects)
 
 
 def cmd_attach(args) -> int:
@@ -225,7 +237,8 @@ def cmd_run(args) -> int:
     opts = RunOptions(args.commands if args.commands is not None else read_script(args.script),
                       args.arch, path(args.kernel), path(args.vmlinux), path(args.system_map),
                       path(args.initrd), [Path(m) for m in args.module], args.append,
-                      args.memory, args.smp, args.accel, args.timeout, path(args.console))
+                      args.memory, args.smp, args.accel, args.timeout, path(args.console),
+                      path(args.drive))
     return run(opts, report_options(args))
 
 

@@ -1,9 +1,11 @@
 """Where the guest images built by `images/build.py` live, and how to find them.
 
 Layout: ${QEMULEAK_CACHE:-~/.cache/qemuleak}/images/<arch>/<kernel-release>/ holds
-the kernel, the debug vmlinux, System.map, config, busybox, the base initramfs and
-the test modules, described by manifest.json; images/<arch>/current names the
-release built last, which is the default guest for that arch.
+the kernel, the debug vmlinux, System.map, config, busybox, the base initramfs, the
+test modules, and a disk-root guest (a busybox rootfs.ext2 and the loader initrd that
+loads the kernel's virtio_blk module and switch_roots into it), described by
+manifest.json; images/<arch>/current names the release built last, which is the
+default guest for that arch.
 """
 
 import json
@@ -41,6 +43,8 @@ class GuestImage:
     busybox: Path
     base_initramfs: Path  # gzip'd newc cpio: busybox and /init
     modules: dict[str, Path]
+    rootfs: Path | None = None         # busybox ext2 root file system for --drive (root=/dev/vda)
+    loader_initrd: Path | None = None  # initrd: insmod virtio_blk (+ deps), switch_root to /dev/vda
 
     def module(self, name: str) -> Path:
         try:
@@ -51,7 +55,7 @@ class GuestImage:
 
 
 def write_manifest(directory: Path, image: GuestImage) -> None:
-    data = {k: str(v) for k, v in image.__dict__.items() if k != "modules"}
+    data = {k: str(v) for k, v in image.__dict__.items() if k != "modules" and v is not None}
     data["modules"] = {k: str(v) for k, v in image.modules.items()}
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -72,7 +76,7 @@ def find_image(arch: str = "x86_64") -> GuestImage:
     image = GuestImage(modules=modules, **{k: (Path(v) if k not in ("arch", "release", "version") else v)
                                           for k, v in data.items()})
     for path in [image.kernel, image.vmlinux, image.system_map, image.base_initramfs,
-                 *modules.values()]:
-        if not path.is_file():
+                 *modules.values(), image.rootfs, image.loader_initrd]:
+        if path is not None and not path.is_file():
             raise ImageError(f"{name} guest image is incomplete: {path} is missing", hint)
     return image

@@ -5,11 +5,18 @@ so a guest's initramfs is the base archive (built once, cached) followed by a sm
 archive of extras (modules at /modules/NAME.ko, scripts). Only the extras are
 compressed on each run. Archives are written in the newc format directly, so no
 root rights are needed for device nodes.
+
+A guest whose root is a disk gets the same extras another way: `write_tar_disk`
+puts them in a tar archive that QEMU attaches as a raw read-only disk, and the
+guest unpacks it with `tar -xf /dev/vdb -C /`. `build_loader` makes the initrd that
+such a guest needs when its kernel has the disk driver as a module.
 """
 
 import gzip
+import io
 import os
 import stat
+import tarfile
 from pathlib import Path
 
 # The guest's /init. It prints READY_MARKER once the shell is about to start, runs
@@ -32,6 +39,34 @@ exec setsid cttyhack sh -l
 """ % READY_MARKER
 
 PROFILE = "PS1='guest# '\nexport PATH=/bin:/sbin:/usr/bin:/usr/sbin\n"
+
+# The directories of a guest root (the base initramfs, the test rootfs.ext2).
+ROOT_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "root",
+             "etc/qemuleak/rc.d", "modules", "run", "mnt")
+
+# The loader initrd's /init: load the drivers the kernel has as modules (in order,
+# dependencies first), mount root= (default /dev/vda) and switch_root into its
+# /sbin/init, as a distro initramfs does. Any failure ends init: the kernel panics
+# with this console output just above.
+LOADER_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t devtmpfs devtmpfs /dev
+fail() { echo "qemuleak-loader: $*"; exit 1; }
+for m in %s; do insmod "/lib/qemuleak/$m.ko" || fail "insmod $m failed"; done
+root=/dev/vda mode=rw
+for a in $(cat /proc/cmdline); do
+    case "$a" in root=*) root="${a#root=}" ;; ro|rw) mode="$a" ;; esac
+done
+n=0
+while [ ! -b "$root" ]; do
+    n=$((n + 1)); [ $n -le 30 ] || fail "no $root"; sleep 1
+done
+mount -o "$mode" "$root" /newroot || fail "cannot mount $root"
+umount /proc; umount /dev
+exec switch_root /newroot /sbin/init
+"""
 
 
 class Cpio:
@@ -93,8 +128,7 @@ def _pad(n: int) -> bytes:
 def build_base(busybox: Path, out: Path) -> Path:
     """Write the base initramfs (busybox, /init, device nodes) to `out`, gzip'd."""
     cpio = Cpio()
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "root",
-              "etc/qemuleak/rc.d", "modules", "run", "mnt"):
+    for d in ROOT_DIRS:
         cpio.add_dir(d)
     cpio.add_char_device("dev/console", 5, 1)
     cpio.add_char_device("dev/null", 1, 3, 0o666)
@@ -113,12 +147,51 @@ def compose(base: Path, out: Path, files: dict[str, bytes | Path],
     Guest paths in `executables` get mode 0755. Returns `out`.
     """
     cpio = Cpio()
-    for guest_path, content in files.items():
-        data = content.read_bytes() if isinstance(content, Path) else content
-        mode = 0o755 if guest_path in executables else 0o644
+    for guest_path, data, mode in _entries(files, executables):
         cpio.add_file(guest_path, data, mode)
     _write_atomic(out, base.read_bytes() + gzip.compress(cpio.to_bytes(), 1, mtime=0))
     return out
+
+
+def write_tar_disk(out: Path, files: dict[str, bytes | Path],
+                   executables: tuple[str, ...] = ()) -> Path:
+    """Write `files` (guest path -> content, as for `compose`) to `out` as a raw disk
+    image: a ustar archive, padded to whole 512-byte sectors, that busybox's
+    `tar -xf /dev/vdX -C /` unpacks. Only file entries: tar makes the parent
+    directories, and a directory that is a symlink in the guest (/bin -> usr/bin)
+    stays one. Returns `out`."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for guest_path, data, mode in _entries(files, executables):
+            info = tarfile.TarInfo(guest_path.lstrip("/"))
+            info.size, info.mode, info.mtime = len(data), mode, 0
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    _write_atomic(out, data + b"\0" * (-len(data) % 512))
+    return out
+
+
+def build_loader(busybox: Path, modules: list[tuple[str, bytes]], out: Path) -> Path:
+    """Write a loader initrd (LOADER_INIT) to `out`, gzip'd: busybox and `modules`,
+    (name, .ko contents) in load order, as /lib/qemuleak/NAME.ko."""
+    cpio = Cpio()
+    for d in ("bin", "dev", "proc", "newroot", "lib/qemuleak"):
+        cpio.add_dir(d)
+    cpio.add_char_device("dev/console", 5, 1)
+    cpio.add_file("bin/busybox", busybox.read_bytes(), 0o755)
+    for name, data in modules:
+        cpio.add_file(f"lib/qemuleak/{name}.ko", data)
+    names = " ".join(name for name, _ in modules)
+    cpio.add_file("init", (LOADER_INIT % names).encode(), 0o755)
+    _write_atomic(out, gzip.compress(cpio.to_bytes(), 6, mtime=0))
+    return out
+
+
+def _entries(files: dict[str, bytes | Path], executables: tuple[str, ...]):
+    """(guest path, contents, mode) for each of `files`."""
+    for guest_path, content in files.items():
+        data = content.read_bytes() if isinstance(content, Path) else content
+        yield guest_path, data, 0o755 if guest_path in executables else 0o644
 
 
 def module_files(modules: list[Path]) -> dict[str, bytes | Path]:

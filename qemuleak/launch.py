@@ -37,7 +37,12 @@ class VMConfig:
     kernel: Path
     arch: str = "x86_64"
     initrd: Path | None = None
-    drive: Path | None = None      # raw disk image (e.g. buildroot rootfs.ext2) as virtio
+    drive: Path | None = None      # raw root disk image (e.g. buildroot rootfs.ext2): the
+                                   # first virtio disk, /dev/vda; root=/dev/vda unless
+                                   # `append` has a root=, rw unless it has ro or rw;
+                                   # snapshot=on: the guest's writes go to a temporary
+                                   # overlay: the file is never changed, runs may share it
+    ro_drives: tuple[Path, ...] = ()   # raw read-only virtio disks after `drive` (/dev/vdb...)
     append: str = ""               # extra kernel command line
     memory_mib: int = 512
     smp: int = 1
@@ -69,7 +74,11 @@ class VM:
         if not c.kaslr:
             cmdline += " nokaslr"
         if c.drive:
-            cmdline += " root=/dev/vda rw"
+            words = c.append.split()
+            if not any(w.startswith("root=") for w in words):
+                cmdline += " root=/dev/vda"
+            if "ro" not in words and "rw" not in words:
+                cmdline += " rw"
         if c.append:
             cmdline += " " + c.append
         accel = "kvm" if c.accel == "kvm" else "tcg,thread=multi"
@@ -83,12 +92,15 @@ class VM:
         if c.initrd:
             argv += ["-initrd", str(c.initrd)]
         if c.drive:
-            argv += ["-drive", f"file={c.drive},format=raw,if=virtio"]
+            argv += ["-drive", f"file={_drive_path(c.drive)},format=raw,if=virtio,snapshot=on"]
+        for ro in c.ro_drives:
+            argv += ["-drive", f"file={_drive_path(ro)},format=raw,if=virtio,readonly=on"]
         return argv + list(c.extra_args)
 
     def _check_inputs(self) -> None:
         c = self.config
-        for what, path in (("kernel image", c.kernel), ("initrd", c.initrd), ("disk image", c.drive)):
+        for what, path in (("kernel image", c.kernel), ("initrd", c.initrd), ("disk image", c.drive),
+                           *(("disk image", d) for d in c.ro_drives)):
             if path is not None and not Path(path).is_file():
                 raise LaunchError(f"{what} not found: {path}",
                                   "check the path, or run `make images` for the default guests")
@@ -291,6 +303,11 @@ class VM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _drive_path(path: Path) -> str:
+    """A file name for -drive file=...: QEMU's option syntax doubles commas."""
+    return str(path).replace(",", ",,")
 
 
 def _free_port() -> int:

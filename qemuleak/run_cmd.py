@@ -3,10 +3,17 @@ workload in the guest's shell, scan when the guest asks and when it is done, shu
 the guest down. For CI: exit 0 no leaks, 1 leaks, 2 error (guest panic, timeout,
 a guest command failing), with the console tail shown.
 
-The workload is a shell script in the initramfs, run with `sh -e` on the
+The workload is a shell script, /qemuleak/run.sh, run with `sh -e` on the
 console. The guest asks for a scan with `qemuleak-scan [LABEL]` (SCAN_SCRIPT):
 it prints a request line on the console and waits for the host's answer on the
 console's input, so the scan sees the guest exactly at that point.
+
+The script, /bin/qemuleak-scan and /modules/NAME.ko reach the guest in an
+archive appended to its initramfs; or, when its root is a disk (--drive, e.g. a
+buildroot rootfs.ext2), on a second, read-only disk holding a tar archive that
+the guest unpacks into its root before tracing starts (the root disk is attached
+with snapshot=on, so the image file is never changed). Either way the guest sees
+the same paths.
 """
 
 import re
@@ -27,7 +34,13 @@ from .tracer import tracing
 
 SCAN_REQUEST = re.compile(r"^qemuleak-scan-request:(\S+)\s*$", re.M)
 DONE = re.compile(r"^qemuleak-run-exit:(\d+)\s*$", re.M)
+UNPACKED = re.compile(r"^qemuleak-unpacked:(\d+)\s*$", re.M)
+INIT_STARTED = re.compile(r"Run \S+ as init process|Freeing unused kernel|"
+                          + re.escape(initramfs.READY_MARKER))
+INIT_GRACE = 30.0
 ANSWER = "y"
+FILES_DISK = "/dev/vdb"      # the files' disk, after the root disk (/dev/vda)
+EXECUTABLES = ("bin/qemuleak-scan",)
 
 # Installed as /bin/qemuleak-scan. Copy it into your own initrd or disk image to
 # use `qemuleak-scan` there (the commands must run on the serial console).
@@ -55,12 +68,14 @@ class RunOptions:
     accel: str = "tcg"
     timeout: float = 600.0
     console: Path | None = None          # the whole console log is written here
+    drive: Path | None = None            # root disk image (/dev/vda, root=/dev/vda rw)
 
 
 def run(opts: RunOptions, report: ReportOptions, out=sys.stdout, err=sys.stderr) -> int:
     """Boot, trace, run the workload, scan; the exit code."""
     kernel, initrd, symbols = _guest_files(opts)
     for what, path in (("kernel image", kernel), ("initrd", initrd),
+                       ("disk image (--drive)", opts.drive),
                        *(("module", m) for m in opts.modules),
                        ("vmlinux", symbols["vmlinux"]), ("System.map", symbols["system_map"])):
         if path is None:
@@ -71,10 +86,14 @@ def run(opts: RunOptions, report: ReportOptions, out=sys.stdout, err=sys.stderr)
         files = {"bin/qemuleak-scan": SCAN_SCRIPT.encode(),
                  "qemuleak/run.sh": opts.commands.encode(),
                  **initramfs.module_files([Path(m) for m in opts.modules])}
-        initrd = initramfs.compose(initrd, Path(tmp) / "initrd", files,
-                                   executables=("bin/qemuleak-scan",))
         config = VMConfig(kernel=kernel, arch=opts.arch, initrd=initrd, append=opts.append,
                           memory_mib=opts.memory_mib, smp=opts.smp, accel=opts.accel)
+        if opts.drive is None:       # the files ride in the initramfs...
+            config.initrd = initramfs.compose(initrd, Path(tmp) / "initrd", files, EXECUTABLES)
+        else:                        # ...or on a disk of their own (the user's initrd may
+            config.drive = Path(opts.drive)          # switch_root away from the initramfs)
+            config.ro_drives = (initramfs.write_tar_disk(Path(tmp) / "files.tar", files,
+                                                         EXECUTABLES),)
         vm = VM(config)
         try:
             print(f"qemuleak: booting {kernel.name} ({opts.arch}, {opts.smp} vCPUs, "
@@ -87,21 +106,26 @@ def run(opts: RunOptions, report: ReportOptions, out=sys.stdout, err=sys.stderr)
             vm.shutdown()
 
 
-def _guest_files(opts: RunOptions) -> tuple[Path, Path, dict]:
-    """(kernel, initrd, symbol arguments for Kernel.open): given, or the image's."""
+def _guest_files(opts: RunOptions) -> tuple[Path, Path | None, dict]:
+    """(kernel, initrd, symbol arguments for Kernel.open): given, or the image's. A
+    guest with a root disk gets no initrd unless one is given."""
     symbols = {"vmlinux": opts.vmlinux, "system_map": opts.system_map}
-    if opts.kernel is not None and opts.initrd is not None:
-        return Path(opts.kernel), Path(opts.initrd), symbols
+    initrd = Path(opts.initrd) if opts.initrd is not None else None
+    if opts.kernel is not None and (initrd is not None or opts.drive is not None):
+        return Path(opts.kernel), initrd, symbols
     image = find_image(opts.arch)
     if opts.kernel is None and opts.vmlinux is None and opts.system_map is None:
         symbols["system_map"] = image.system_map
-    return (Path(opts.kernel or image.kernel), Path(opts.initrd or image.base_initramfs),
-            symbols)
+    if initrd is None and opts.drive is None:
+        initrd = image.base_initramfs
+    return Path(opts.kernel or image.kernel), initrd, symbols
 
 
 def _run_in(vm: VM, opts: RunOptions, options: ReportOptions, symbols: dict, out, err) -> int:
     started = time.monotonic()
     _wait_for_shell(vm, deadline=started + opts.timeout)
+    if vm.config.ro_drives:
+        _unpack_files(vm, deadline=started + opts.timeout)
     print(f"qemuleak: guest shell up in {time.monotonic() - started:.1f} s; attaching",
           file=err, flush=True)
     with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
@@ -123,7 +147,19 @@ def _run_in(vm: VM, opts: RunOptions, options: ReportOptions, symbols: dict, out
 
 def _wait_for_shell(vm: VM, deadline: float) -> None:
     """Until a shell answers on the console: type a probe every 2 s (works for
-    any initrd's shell, ours prints a marker but others need not)."""
+    any initrd's shell, ours prints a marker but others need not).
+
+    On a PL011 console (ttyAMA, arm64 virt) typing starts only once the kernel
+    says it runs init (the console is open by then), or after INIT_GRACE s for a
+    quiet kernel: input that piles up in QEMU's PL011 before the kernel opens the
+    console can leave its receive interrupt stuck off, and the guest never reads
+    the console again. (The 8250's receive interrupt is level-triggered: no wait.)"""
+    if vm.arch.console.startswith("ttyAMA"):
+        try:
+            vm.wait_for_line(INIT_STARTED,
+                             timeout=max(min(INIT_GRACE, deadline - time.monotonic()), 0))
+        except LaunchError:
+            _check_panic(vm)            # raises, saying why, if the guest died
     n = 0
     while time.monotonic() < deadline:
         n += 1
@@ -132,12 +168,27 @@ def _wait_for_shell(vm: VM, deadline: float) -> None:
             vm.wait_for_line(re.compile(rf"^qemuleak-shell-\d+42\s*$", re.M), timeout=2.0)
             return
         except LaunchError:
-            if not vm.alive():
-                raise
-            _check_panic(vm)
+            _check_panic(vm)            # raises, saying why, if the guest died
     raise LaunchError("the guest's shell did not answer on the console in time; "
                       f"console tail:\n{vm.console_tail()}",
                       "is there a shell on the serial console? raise --timeout?")
+
+
+def _unpack_files(vm: VM, deadline: float) -> None:
+    """Unpack the files' disk into the guest's root, before tracing starts."""
+    vm.send_line(f"tar -xf {FILES_DISK} -C /; echo qemuleak-unpacked:$?")
+    try:
+        status = int(vm.wait_for_line(UNPACKED, timeout=max(deadline - time.monotonic(), 1))
+                     .group(1))
+    except LaunchError:
+        _check_panic(vm)
+        raise
+    if status != 0:
+        raise LaunchError(f"the guest could not unpack qemuleak's files (tar -xf {FILES_DISK} "
+                          f"-C / exited with status {status}); console tail:\n"
+                          f"{vm.console_tail()}",
+                          "the guest needs tar, devtmpfs (or a /dev/vdb node) and a "
+                          "writable root")
 
 
 def _check_panic(vm: VM, wait: float = 0.0) -> None:
@@ -149,8 +200,12 @@ def _check_panic(vm: VM, wait: float = 0.0) -> None:
     vm.console_text()
     reason = vm.panic_reason()
     if reason or not vm.alive():
+        hint = None
+        if "root fs" in reason:      # "VFS: Unable to mount root fs on ..."
+            hint = ("with --drive the kernel needs virtio_blk and the root's file system "
+                    "built in, or an --initrd that loads them and mounts root=/dev/vda")
         raise LaunchError(f"the guest died{reason or ' (QEMU exited)'}; "
-                          f"console tail:\n{vm.console_tail()}")
+                          f"console tail:\n{vm.console_tail()}", hint)
 
 
 def _workload(vm: VM, session: Session, deadline: float, err) -> int:

@@ -2,7 +2,9 @@
 booting real guests (exit codes 0/1/2, every report format, filters), and
 `qemuleak attach` + `qemuleak ctl` on a QEMU started on its own."""
 
+import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -14,8 +16,8 @@ import jsonschema
 import pytest
 
 from tests import sarif
-from tests.conftest import guest_image_for
-from tests.groundtruth import parse_objects
+from tests.conftest import guest_image_for, missing
+from tests.groundtruth import LEAKY_LEAKS, parse_objects
 from qemuleak import report
 
 CLI = [sys.executable, "-m", "qemuleak.cli"]
@@ -104,6 +106,49 @@ def test_run_errors_exit_2(tmp_path, commands, timeout, expect):
     assert "console tail" in p.stderr
 
 
+def test_run_drive_rootfs_ext2(tmp_path, arch):
+    """buildroot style: the root file system on a virtio disk. The Debian kernel has
+    virtio_blk as a module, so the image's loader initrd loads it and switch_roots
+    to /dev/vda; qemuleak's files come on a second disk. The rootfs stays unchanged."""
+    image = guest_image_for(arch)
+    if image.rootfs is None or image.loader_initrd is None:
+        missing(f"the {arch} image has no rootfs.ext2 and loader initrd: run `make images`")
+    digest = hashlib.sha256(image.rootfs.read_bytes()).hexdigest()
+    out, console = tmp_path / "report.json", tmp_path / "console.log"
+    p = qemuleak("run", "--arch", arch, "--drive", image.rootfs, "--initrd",
+                 image.loader_initrd, "--module", image.module("leaky"),
+                 "-c", "cat /proc/mounts; insmod /modules/leaky.ko; qemuleak-scan mid",
+                 "--format", "json", "--output", out, "--console", console,
+                 "--module-filter", "leaky")
+    assert "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 1, p.stderr
+    log = console.read_text()
+    assert re.search(r"^/dev/vda / ext2 rw", log, re.M), log[-4000:]    # the root is the disk
+    doc = json.loads(out.read_text())
+    jsonschema.validate(doc, report.JSON_SCHEMA)
+    assert [s["label"] for s in doc["scans"]] == ["mid", "final"]
+    objs = parse_objects(log)
+    found = {int(leak["address"], 16) for leak in doc["scans"][0]["leaks"]}
+    # (leaky's own cache held nothing before: no stale word can hide cache_leak)
+    assert objs["cache_leak"].address in found
+    assert found <= {objs[name].address for name in LEAKY_LEAKS}, (found, objs)
+    assert hashlib.sha256(image.rootfs.read_bytes()).hexdigest() == digest
+
+
+def test_run_drive_without_the_disk_driver_exits_2(tmp_path):
+    """The Debian kernel alone cannot mount a virtio root (virtio_blk is a module):
+    the panic is the error, with a hint, and no initrd is passed behind the user's back."""
+    image = guest_image_for("x86_64")
+    if image.rootfs is None:
+        missing("the x86_64 image has no rootfs.ext2: run `make images`")
+    p = qemuleak("run", "--drive", image.rootfs, "-c", "true", "--timeout", 120)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    error = next(line for line in p.stderr.splitlines() if line.startswith("qemuleak: error:"))
+    assert "Unable to mount root fs" in error, p.stderr
+    assert "hint: with --drive the kernel needs virtio_blk" in p.stderr, p.stderr
+
+
 def test_attach_ctl_end_to_end(boot, guest_image, tmp_path):
     """QEMU started on its own with a TCP gdbstub, KASLR on; attach; leaky loaded
     after attaching; ctl scan, dump=, clear, stack=off; Ctrl-C; the guest runs on."""
@@ -170,3 +215,28 @@ def test_attach_ctl_end_to_end(boot, guest_image, tmp_path):
     # the guest runs on, allocating, with no breakpoint left
     vm.send_line("ls /proc > /dev/null; echo alive-$((20+22))")
     vm.wait_for_line("alive-42", timeout=30)
+
+
+def test_symbols_of_another_kernel_exit_2(boot, guest_image, tmp_path):
+    """run and attach given symbols that are not the guest's: one clear line, exit
+    2; attach leaves the guest running."""
+    other_arch = "arm64" if guest_image.arch == "x86_64" else "x86_64"
+    other = guest_image_for(other_arch).system_map
+    p = qemuleak("run", "--arch", guest_image.arch, "--system-map", other, "-c", "true",
+                 timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert "qemuleak: error: the symbols do not match the guest kernel" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+    vm = boot(modules=(), gdb="tcp")
+    vmlinux = tmp_path / "vmlinux"           # as a rebuilt kernel's: another banner
+    data = guest_image.vmlinux.read_bytes()
+    old = f"Linux version {guest_image.release} ".encode()
+    assert old in data
+    vmlinux.write_bytes(data.replace(old, f"Linux version {guest_image.release[::-1]} ".encode()))
+    p = qemuleak("attach", vm.gdb_target, "--vmlinux", vmlinux, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("qemuleak: error: the vmlinux is from another kernel"), p.stderr
+    assert "Traceback" not in p.stderr
+    vm.send_line("echo still-$((40+2))")
+    vm.wait_for_line("still-42", timeout=60)
