@@ -10,6 +10,12 @@ waves, until none turns gray. What stays white is unreferenced.
 
 Root words that lie inside an object's own contents are not roots (they are scanned
 when, and if, their object turns gray), and a word never references its own object.
+
+Speed (a scan is mostly memory traffic): words are taken in chunks that fit in the
+caches; per chunk, a range check or two keep the few words that may point into an
+object, and per-page tables (Matcher) find their objects without binary search.
+Root segments are cut around object contents beforehand, reference counts are
+added up once per pass.
 """
 
 from dataclasses import dataclass
@@ -17,10 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 
 U64 = np.uint64
-_CLUSTER_GAP = 1 << 30        # objects further apart than this get separate bitmaps
-_BITMAP_LIMIT = 1 << 28       # pages per bitmap (256 MiB of bools at most)
-_CHUNK_WORDS = 1 << 23        # words compared per step (64 MiB)
-_SLICE_WORDS = 1 << 16        # segments at least this long are scanned in place
+_CLUSTER_GAP = 1 << 30        # objects further apart than this get separate page maps
+_BITMAP_LIMIT = 1 << 28       # pages per page map (more: binary search only)
+_TABLE_LIMIT = 1 << 24        # pages per granule table (more: page map + binary search)
+_CHUNK_WORDS = 1 << 18        # words compared per step: 2 MiB, temporaries stay in cache
+_COPY_WORDS = 1 << 9          # shorter ranges are gathered word by word, longer copied
+_SLICE_WORDS = 1 << 16        # _words: segments at least this long are scanned in place
+_SEARCH = 15                  # page code: objects too close together, binary search
 
 
 @dataclass
@@ -60,62 +69,309 @@ class Segments:
         return int(self.length.sum())
 
 
+class _Cluster:
+    """Objects a..b-1, all inside [base, base + span) (base page-aligned), and a
+    lookup of the object a word points into without binary search.
+
+    Each page some object overlaps is cut into equal power-of-two granules, small
+    enough that at most one object starts in each. A granule then holds at most
+    two candidates: the last object starting before it, for the bytes before the
+    start of the one starting in it, and that one for the rest. Its 64-bit record
+    says which bytes of the granule each covers and which objects they are. A word
+    costs a random access to a byte-a-page table (most stop there: no object on the
+    page), then one to the page table, and one to the granule table."""
+
+    def __init__(self, m: "Matcher", a: int, b: int, base: int, span: int):
+        self.low, self.high = base, base + span
+        self.base, self.span = U64(base), U64(span)
+        self.used = None      # bool per page, and False for any page beyond: any object
+        # per page: its first granule << 4 | log2 of its granule size (_SEARCH: binary
+        # search; -1: no object)
+        self.page = None
+        self.granule = None   # int64: prev end | start << 12 | end << 24 | object << 36
+        self.search = False   # any _SEARCH page
+        pages = (span + 0xFFF) >> 12
+        if pages > _BITMAP_LIMIT:
+            return
+        s = m.starts[a:b] - self.base
+        page = (s >> U64(12)).astype(np.int64)
+        last_page = ((np.maximum(m.ends[a:b], m.starts[a:b] + U64(1)) - self.base - U64(1))
+                     >> U64(12)).astype(np.int64)
+        # pages some object overlaps: merge the objects' page ranges, mark their edges
+        reach = np.maximum.accumulate(last_page)
+        new = np.ones(len(page), bool)
+        new[1:] = page[1:] > reach[:-1] + 1
+        edges = np.zeros(pages + 1, np.int8)
+        edges[page[new]] = 1
+        edges[reach[np.append(np.flatnonzero(new)[1:] - 1, len(page) - 1)] + 1] = -1
+        touched = np.cumsum(edges[:-1], dtype=np.int8) > 0
+        del edges
+        code = np.where(touched, np.int8(11), np.int8(-1))
+        if pages <= _TABLE_LIMIT and b < 2**28:         # 28 bits for objects in records
+            # granules of pages with object starts: the closest two starts'
+            # distance, rounded down to a power of two (2 KiB at most, so that
+            # offsets take 12 bits); pages that would need many more granules than
+            # they have objects (or hold equal starts) take the binary search
+            new = np.ones(len(page), bool)
+            new[1:] = page[1:] != page[:-1]
+            group = np.flatnonzero(new)
+            gap = np.full(len(page), 4096, np.int64)
+            gap[1:] = np.where(new[1:], 4096, np.diff(s.view(np.int64)))
+            gap = np.minimum.reduceat(gap, group)
+            count = np.diff(np.append(group, len(page)))
+            shift = np.minimum(np.floor(np.log2(np.maximum(gap, 1))), 11).astype(np.int64)
+            regular = (gap > 0) & ((4096 >> shift) <= 8 * count + 64)
+            code[page[group]] = np.where(regular, shift, _SEARCH)
+        else:
+            code[touched] = _SEARCH
+        tabled = np.flatnonzero((code >= 0) & (code != _SEARCH))
+        self.search = len(tabled) < int(touched.sum())
+        shift = code.take(tabled).astype(np.int64)
+        sizes = 4096 >> shift                          # granules per page
+        offsets = np.cumsum(sizes) - sizes
+        total = int(sizes.sum())                       # < 8 * 2**28 + 65 * pages
+        kind = np.int8 if not total else np.int32 if total < 2**27 else np.int64
+        self.page = code.astype(kind)
+        self.used = np.append(touched, False)
+        if not total:
+            return
+        self.page[tabled] |= offsets << 4
+        before = np.cumsum(np.bincount(page, minlength=pages)) + a   # objects up to each page
+        before = np.concatenate(([a], before[:-1]))
+        # the objects' starts and ends from base, clipped to the cluster
+        srel = s.view(np.int64)
+        erel = np.zeros(b - a + 1, np.int64)           # [k + 1]: object a + k; [0]: none
+        e = m.ends[a:b]
+        erel[1:] = np.where(e > self.base, np.minimum(e - self.base, self.span), 0).view(np.int64)
+        # granules in order: each one's start and size
+        gsize = np.repeat(1 << shift, sizes)
+        first = np.repeat(offsets, sizes)
+        gstart = np.arange(total) - first
+        gstart *= gsize
+        gstart += np.repeat(tabled << 12, sizes)
+        # where objects start, and how many start in the page up to each granule
+        code = code.take(page)
+        mine = np.flatnonzero((code >= 0) & (code != _SEARCH))      # on tabled pages
+        at = (self.page.take(page.take(mine)) >> 4) + ((srel.take(mine) & 0xFFF) >> code.take(mine))
+        has = np.zeros(total, np.int64)
+        has[at] = 1
+        seen = np.cumsum(has)
+        seen -= np.repeat(seen.take(offsets) - has.take(offsets), sizes)
+        # records as if no object started in the granule: its bytes are the last
+        # one's starting before it (index + 1 in erel), as far as its end reaches
+        owner = np.repeat(before.take(tabled) - a, sizes)
+        owner += seen
+        covered = erel.take(owner)
+        covered -= gstart
+        np.maximum(covered, 0, out=covered)
+        np.minimum(covered, gsize, out=covered)
+        self.granule = np.zeros(total + 1, np.int64)   # one spare: _SEARCH pages read [0]
+        record = self.granule[:total]
+        np.left_shift(owner + a, 36, out=record)
+        record |= gsize * ((1 << 12) | (1 << 24))
+        record |= covered
+        # then the granules where one does start (whose records above are wrong)
+        g0 = gstart.take(at)
+        at_start = srel.take(mine) - g0
+        end = np.minimum(np.maximum(erel.take(mine + 1) - g0, at_start), gsize.take(at))
+        prev_end = np.minimum(np.maximum(erel.take(mine) - g0, 0), at_start)
+        record[at] = prev_end | (at_start << 12) | (end << 24) | ((mine + a) << 36)
+
+    def lookup(self, m: "Matcher", w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(indices in `w`, object indices) of the words `w` inside an object."""
+        d = w - self.base
+        if self.page is None:
+            sel = (d < self.span).nonzero()[0]
+            hit, obj = m.check(w.take(sel), m.search(w.take(sel)))
+            return sel.take(hit), obj
+        # most words point to pages without objects: a byte a page tells, and is
+        # more likely in cache than the page table (words beyond the cluster read the
+        # byte after its last page)
+        page = (d >> U64(12)).view(np.int64)
+        sel = self.used.take(page, mode="clip").nonzero()[0]
+        if not len(sel):
+            return sel, sel
+        d, entry = d.take(sel).view(np.int64), self.page.take(page.take(sel))
+        shift = entry & 15
+        found, obj = [], []
+        if self.granule is not None:
+            # a _SEARCH page's words read granule 0; they are redone below
+            offset = d & 0xFFF
+            index = offset >> shift
+            record = self.granule.take((entry >> 4) + index)
+            offset -= index << shift                   # from the granule's start
+            later = offset >= (record >> 12 & 0xFFF)   # at or past the start in it
+            inside = offset < np.where(later, record >> 24 & 0xFFF, record & 0xFFF)
+            if self.search:
+                inside &= shift != _SEARCH
+            hit = inside.nonzero()[0]
+            found.append(hit)
+            obj.append((record.take(hit) >> 36) - 1 + later.take(hit))
+        if self.search:
+            redo = (shift == _SEARCH).nonzero()[0]
+            wr = w.take(sel.take(redo))
+            hit, o = m.check(wr, m.search(wr))
+            found.append(redo.take(hit))
+            obj.append(o)
+        found = np.concatenate(found) if len(found) > 1 else found[0]
+        return sel.take(found), np.concatenate(obj) if len(obj) > 1 else obj[0]
+
+
 class Matcher:
-    """Which object, if any, each word points into."""
+    """Which object, if any, each word points into: the last object starting at
+    or before the word, if the word is before its end."""
 
     def __init__(self, starts: np.ndarray, ends: np.ndarray):
         self.starts = np.asarray(starts, U64)
         self.ends = np.asarray(ends, U64)
         if len(self.starts) > 1 and np.any(self.starts[1:] < self.starts[:-1]):
             raise ValueError("objects must be in address order")
-        # Cheap first filter: per cluster of nearby objects, a bitmap of the pages
-        # they touch; only words landing on such a page reach the binary search.
-        self.clusters: list[tuple[int, int, np.ndarray | None]] = []
+        self._bounds = None   # see check
+        self.clusters: list[_Cluster] = []
+        # neighbouring clusters in the same half of the address space share one range
+        # check (what lies between them, kernel text or vmemmap, is rare): [low,
+        # high) and its clusters
+        self.ranges: list[tuple[int, int, list[_Cluster]]] = []
+        self._buffers = np.empty(0, U64), np.empty(0, bool)     # scratch for match
         n = len(self.starts)
         if not n:
             return
         reach = np.maximum.accumulate(np.maximum(self.ends, self.starts + U64(1)))
-        cuts = np.flatnonzero(self.starts[1:] - reach[:-1] > U64(_CLUSTER_GAP)) + 1
+        # at least a page apart, so that the clusters' page-aligned ranges are disjoint
+        gap = U64(max(_CLUSTER_GAP, 1 << 12))
+        after = self.starts[1:] > reach[:-1]
+        cuts = np.flatnonzero(after & (self.starts[1:] - reach[:-1] > gap)) + 1
         for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), n]):
             base = int(self.starts[a]) & ~0xFFF
             top = int(reach[b - 1])
-            pages = (top - base + 0xFFF) >> 12
-            bitmap = None
-            if pages <= _BITMAP_LIMIT:
-                first = (self.starts[a:b] - U64(base)) >> U64(12)
-                last = (np.maximum(self.ends[a:b], self.starts[a:b] + U64(1)) - U64(base + 1)) >> U64(12)
-                marks = np.zeros(pages + 1, np.int32)
-                np.add.at(marks, first.astype(np.int64), 1)
-                np.add.at(marks, last.astype(np.int64) + 1, -1)
-                bitmap = np.cumsum(marks[:-1]) > 0
-            self.clusters.append((base, top - base, bitmap))
+            c = _Cluster(self, a, b, base, top - base)
+            self.clusters.append(c)
+            if self.ranges and self.ranges[-1][0] >> 48 == (top - 1) >> 48:
+                self.ranges[-1] = (self.ranges[-1][0], top, self.ranges[-1][2] + [c])
+            else:
+                self.ranges.append((base, top, [c]))
+        self._checks = [(U64(lo), U64(hi - lo), cs) for lo, hi, cs in self.ranges]
+
+    def search(self, w: np.ndarray) -> np.ndarray:
+        """How many objects start at or before each word (binary search)."""
+        if len(w) < 64:
+            return np.searchsorted(self.starts, w, "right")
+        # sorted keys search much faster: each starts where the last one ended
+        order = np.argsort(w)
+        k = np.empty(len(w), np.int64)
+        k[order] = np.searchsorted(self.starts, w.take(order), "right")
+        return k
+
+    def check(self, w: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(indices in `w`, object indices) of the words inside an object, given
+        `k` >= how many objects start at or before each, and at most one more."""
+        if self._bounds is None:
+            # per object k + 1: its start, its end and the end of object k - 1;
+            # row 0 is "no object", so k needs no bounds check (a row: one cache miss)
+            self._bounds = np.zeros((len(self.starts) + 1, 3), U64)
+            self._bounds[1:, 0] = self.starts
+            self._bounds[1:, 1] = self.ends
+            self._bounds[1:, 2] = self._bounds[:-1, 1]
+        row = self._bounds.take(k, axis=0)
+        back = row[:, 0] > w                      # counted one too many
+        hit = (w < np.where(back, row[:, 2], row[:, 1])).nonzero()[0]
+        return hit, k.take(hit) - back.take(hit) - 1
 
     def match(self, words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(positions in `words`, object indices) of the words inside an object."""
         if not self.clusters or not len(words):
             z = np.zeros(0, np.int64)
             return z, z.copy()
-        found = []
-        for base, span, bitmap in self.clusters:
-            d = words - U64(base)
-            pos = np.flatnonzero(d < U64(span))
-            if bitmap is not None and len(pos):
-                pos = pos[bitmap[(d[pos] >> U64(12)).astype(np.int64)]]
-            found.append(pos)
-        pos = np.concatenate(found) if len(found) > 1 else found[0]
-        if not len(pos):
-            return pos.astype(np.int64), pos.astype(np.int64)
-        w = words[pos]
-        k = np.searchsorted(self.starts, w, side="right").astype(np.int64) - 1
-        kc = np.maximum(k, 0)
-        ok = (k >= 0) & (w < self.ends[kc])
-        return pos[ok].astype(np.int64), k[ok]
+        n = len(words)
+        if len(self._buffers[0]) < n:
+            self._buffers = np.empty(n, U64), np.empty(n, bool)
+        diff, mask = self._buffers[0][:n], self._buffers[1][:n]
+        found_pos, found_obj = [], []
+        for low, span, clusters in self._checks:
+            np.subtract(words, low, out=diff)
+            np.less(diff, span, out=mask)
+            if not mask.any():                  # most chunks have no per-CPU words
+                continue
+            pos = mask.nonzero()[0]
+            w = words.take(pos)
+            if len(clusters) > 1:                # skip clusters no word is near
+                least, most = int(w.min()), int(w.max())
+                clusters = [c for c in clusters if c.low <= most and least < c.high]
+            for c in clusters:
+                sel, obj = c.lookup(self, w)
+                found_pos.append(pos.take(sel))
+                found_obj.append(obj)
+        if len(found_pos) == 1:
+            return found_pos[0], found_obj[0].astype(np.int64)
+        if not found_pos:
+            z = np.zeros(0, np.int64)
+            return z, z.copy()
+        return np.concatenate(found_pos), np.concatenate(found_obj).astype(np.int64)
+
+
+def _word_range(segments: Segments) -> tuple[np.ndarray, np.ndarray]:
+    """[first, last) word indices of the aligned words of each segment."""
+    return (segments.offset + 7) >> 3, (segments.offset + segments.length) >> 3
+
+
+def _chunks(ram64: np.ndarray, first: np.ndarray, last: np.ndarray, owner: np.ndarray | None):
+    """Yield (words, owners) for the words [first, last) of each range, in chunks of
+    at most _CHUNK_WORDS: whole chunks of long ranges as slices of the RAM copy
+    (`owners` is then that range's owner), the rest packed together, so that each
+    step has plenty of words (`owners` per word). Without `owner`, owners are None."""
+    count = np.maximum(last - first, 0)
+    whole = count // _CHUNK_WORDS
+    for i in np.flatnonzero(whole).tolist():
+        o = None if owner is None else int(owner[i])
+        lo = int(first[i])
+        for lo in range(lo, lo + int(whole[i]) * _CHUNK_WORDS, _CHUNK_WORDS):
+            yield ram64[lo:lo + _CHUNK_WORDS], o
+    first = first + whole * _CHUNK_WORDS
+    count = count - whole * _CHUNK_WORDS
+    rest = np.flatnonzero(count)
+    if not len(rest):
+        return
+    first, count = first[rest], count[rest]
+    owner = None if owner is None else owner[rest]
+    cum = np.cumsum(count)
+    step = np.arange(min(_CHUNK_WORDS, int(cum[-1])))   # word n of a pack of ranges: step[n]
+    start = 0
+    while start < len(rest):
+        stop = int(np.searchsorted(cum, (cum[start - 1] if start else 0) + _CHUNK_WORDS, "right"))
+        yield _pack(ram64, first[start:stop], count[start:stop],
+                    None if owner is None else owner[start:stop], step)
+        start = stop
+
+
+def _pack(ram64: np.ndarray, f: np.ndarray, n: np.ndarray, owner: np.ndarray | None,
+          step: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The words of ranges [f, f + n) one after the other, and their owners."""
+    # long ranges copied slice by slice, short ones gathered with an index
+    copy = n >= _COPY_WORDS
+    if copy.all():
+        parts = [ram64[lo:hi] for lo, hi in zip(f.tolist(), (f + n).tolist())]
+        words = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    elif not copy.any():
+        index = np.repeat(f - (np.cumsum(n) - n), n)
+        index += step[:len(index)]
+        words = ram64.take(index)
+    else:
+        parts = [ram64[lo:hi] for lo, hi in zip(f[copy].tolist(), (f + n)[copy].tolist())]
+        fs, ns = f[~copy], n[~copy]
+        index = np.repeat(fs - (np.cumsum(ns) - ns), ns)
+        index += step[:len(index)]
+        words = np.concatenate(parts + [ram64.take(index)])
+        if owner is not None:
+            owner = np.concatenate((owner[copy], owner[~copy]))
+            n = np.concatenate((n[copy], ns))
+    return words, None if owner is None else np.repeat(owner, n)
 
 
 def _words(ram64: np.ndarray, segments: Segments):
-    """Yield (words, owners) in chunks for the aligned words of `segments`."""
-    first = (segments.offset + 7) >> 3
-    last = (segments.offset + segments.length) >> 3
+    """Yield (words, owners, where) in chunks for the aligned words of `segments`:
+    owners per word; `where` the first word's index (an int) for a slice of RAM,
+    else the word indices."""
+    first, last = _word_range(segments)
     count = np.maximum(last - first, 0)
     big = count >= _SLICE_WORDS
     for i in np.flatnonzero(big).tolist():
@@ -139,12 +395,60 @@ def _words(ram64: np.ndarray, segments: Segments):
         start = stop
 
 
+def _minus(first: np.ndarray, last: np.ndarray, cut: Segments) -> tuple[np.ndarray, np.ndarray]:
+    """The word ranges [first, last), each without the words that start inside a
+    `cut` segment: as [first, last) of the pieces left, in order."""
+    lo, hi = (cut.offset + 7) >> 3, (cut.offset + cut.length + 7) >> 3
+    keep = (cut.length > 0) & (hi > lo)
+    lo, hi = lo[keep], hi[keep]
+    if not len(lo):
+        return first, last
+    order = np.argsort(lo, kind="stable")
+    lo, top = lo[order], np.maximum.accumulate(hi[order])
+    new = np.ones(len(lo), bool)
+    new[1:] = lo[1:] > top[:-1]
+    ends = np.append(np.flatnonzero(new)[1:] - 1, len(lo) - 1)
+    lo, hi = lo[new], top[ends]                    # the union, as disjoint sorted ranges
+    j0 = np.searchsorted(hi, first, "right")       # first cut ending after `first`
+    j1 = np.searchsorted(lo, last, "left")         # cuts before j1 start before `last`
+    m = np.maximum(j1 - j0, 0)                     # a range with m cuts has m + 1 pieces
+    seg = np.repeat(np.arange(len(first)), m + 1)
+    k = np.arange(len(seg)) - np.repeat(np.cumsum(m + 1) - (m + 1), m + 1)
+    j = j0[seg] + k
+    a = np.where(k == 0, first[seg], hi[np.maximum(j - 1, 0)])
+    b = np.where(k == m[seg], last[seg], lo[np.minimum(j, len(lo) - 1)])
+    a = np.maximum(a, first[seg])
+    b = np.minimum(b, last[seg])
+    ok = b > a
+    return a[ok], b[ok]
+
+
 @dataclass
 class Result:
     counts: np.ndarray        # references found per object (capped at nothing)
     gray: np.ndarray          # bool per object: reached
     bytes_scanned: int
     waves: int
+
+
+def _same(words):
+    return words
+
+
+def _references(matcher: Matcher, ram64: np.ndarray, first: np.ndarray, last: np.ndarray,
+                owner: np.ndarray, untag, sources: bool = True):
+    """Yield, per chunk, (owner, object) of the words in [first, last) pointing into
+    an object other than their owner (owner: an int for a chunk of one range; None
+    unless `sources`)."""
+    for words, owners in _chunks(ram64, first, last, owner):
+        pos, obj = matcher.match(untag(words))
+        if not isinstance(owners, int):
+            owners = owners.take(pos)
+        keep = (obj != owners).nonzero()[0]
+        if not sources:
+            yield None, obj.take(keep)
+        else:
+            yield owners if isinstance(owners, int) else owners.take(keep), obj.take(keep)
 
 
 def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
@@ -160,42 +464,37 @@ def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
     matcher = Matcher(starts, ends)
     ram64 = ram[:len(ram) // 8 * 8].view("<u8")
     counts = np.zeros(n, np.int64)
-    untag = untag or (lambda w: w)
-    # Words that belong to an object are not roots: find them by position.
-    own = contents.select(contents.length > 0)
-    order = np.argsort(own.offset, kind="stable")
-    own_lo, own_hi = own.offset[order], (own.offset + own.length)[order]
-    own_hi = np.maximum.accumulate(own_hi) if len(own_hi) else own_hi
-    scanned = 0
+    untag = untag or _same
 
-    def add(hits: np.ndarray) -> None:
-        if len(hits):
-            counts[:] += np.bincount(hits, minlength=n)
+    def add(hits: list[np.ndarray]) -> None:
+        # once per pass: counts only matter between passes
+        if hits:
+            counts[:] += np.bincount(np.concatenate(hits), minlength=n)
 
-    for words, _, where in _words(ram64, roots):
-        scanned += len(words) * 8
-        pos, obj = matcher.match(untag(words))
-        if not len(pos):
-            continue
-        at = (where + pos if isinstance(where, int) else where[pos]) * 8
-        k = np.searchsorted(own_lo, at, side="right") - 1
-        inside = (k >= 0) & (at < own_hi[np.maximum(k, 0)])
-        add(obj[~inside])
+    first, last = _word_range(roots)
+    scanned = int(np.maximum(last - first, 0).sum()) * 8
+    # Words that belong to an object are not roots: leave them out of the ranges
+    # (still counted as scanned).
+    first, last = _minus(first, last, contents)
+    hits = [matcher.match(untag(words))[1] for words, _ in _chunks(ram64, first, last, None)]
     if len(root_words):
-        add(matcher.match(untag(np.asarray(root_words, U64)))[1])
+        hits.append(matcher.match(untag(np.asarray(root_words, U64)))[1])
+    add(hits)
 
     min_count = np.asarray(min_count, np.int64)
     gray = (min_count == 0) | (counts >= min_count) & (min_count > 0)
     frontier = gray.copy()
     scan_ok = np.ones(n, bool) if scan_contents is None else np.asarray(scan_contents, bool)
+    part = contents.select(scan_ok[contents.owner])
+    first, last = _word_range(part)
+    words = np.maximum(last - first, 0)
     waves = 0
     while frontier.any():
         waves += 1
-        part = contents.select(frontier[contents.owner] & scan_ok[contents.owner])
-        for words, owners, _ in _words(ram64, part):
-            scanned += len(words) * 8
-            pos, obj = matcher.match(untag(words))
-            add(obj[owners[pos] != obj])
+        now = frontier[part.owner]
+        scanned += int(words[now].sum()) * 8
+        add([obj for _, obj in _references(matcher, ram64, first[now], last[now],
+                                           part.owner[now], untag, sources=False)])
         newly = ~gray & (counts >= min_count) & (min_count > 0)
         gray |= newly
         frontier = newly
@@ -207,13 +506,16 @@ def leak_edges(ram: np.ndarray, starts, ends, contents: Segments, white: np.ndar
     """(source, target) object pairs where a white object points into another."""
     matcher = Matcher(starts, ends)
     ram64 = ram[:len(ram) // 8 * 8].view("<u8")
-    untag = untag or (lambda w: w)
+    part = contents.select(white[contents.owner])
+    first, last = _word_range(part)
     src, dst = [], []
-    for words, owners, _ in _words(ram64, contents.select(white[contents.owner])):
-        pos, obj = matcher.match(untag(words))
-        keep = (owners[pos] != obj) & white[obj]
-        src.append(owners[pos][keep])
+    for owner, obj in _references(matcher, ram64, first, last, part.owner, untag or _same):
+        keep = white[obj]
         dst.append(obj[keep])
+        if isinstance(owner, int):
+            src.append(np.full(len(dst[-1]), owner, np.int64))
+        else:
+            src.append(owner[keep])
     if not src:
         z = np.zeros(0, np.int64)
         return z, z.copy()
