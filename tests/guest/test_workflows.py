@@ -82,10 +82,11 @@ def test_run_leaky_junit(tmp_path, arch):
     assert f"unreferenced object {objs['cache_leak'].address:#010x}" in failure.text
 
 
-def test_run_json_clean_guest_exits_0(tmp_path):
+def test_run_json_clean_guest_exits_0(tmp_path, arch):
+    guest_image_for(arch)
     out = tmp_path / "r.json"
-    p = qemuleak("run", "-c", "ls /proc > /dev/null; qemuleak-scan idle", "--format", "json",
-                 "--output", out)
+    p = qemuleak("run", "--arch", arch, "-c", "ls /proc > /dev/null; qemuleak-scan idle",
+                 "--format", "json", "--output", out)
     assert p.returncode == 0, p.stderr
     doc = json.loads(out.read_text())
     jsonschema.validate(doc, report.JSON_SCHEMA)
@@ -98,9 +99,9 @@ def test_run_json_clean_guest_exits_0(tmp_path):
     ("echo c > /proc/sysrq-trigger", 300, "panic"),
     ("sleep 600", 60, "did not finish in time"),
 ])
-def test_run_errors_exit_2(tmp_path, commands, timeout, expect):
-    guest_image_for("x86_64")
-    p = qemuleak("run", "-c", commands, "--timeout", timeout)
+def test_run_errors_exit_2(tmp_path, arch, commands, timeout, expect):
+    guest_image_for(arch)
+    p = qemuleak("run", "--arch", arch, "-c", commands, "--timeout", timeout)
     assert p.returncode == 2, p.stderr
     assert expect in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert "console tail" in p.stderr
