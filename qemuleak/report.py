@@ -347,18 +347,30 @@ class Suppressions:
         return len(self.patterns)
 
 
+# Functions that allocate what the kernel itself marks with kmemleak_not_leak() or
+# kmemleak_ignore(): objects meant to have no reference (sysctl table headers that
+# are never unregistered). In a kernel without kmemleak the mark compiles to
+# nothing, so it cannot be read from memory; the allocating function is known.
+KERNEL_NOT_LEAKS = ("^__register_sysctl_base$", "^__register_sysctl_init$",
+                    "^init_fs_stat_sysctls$", "^user_namespace_sysctl_init$")
+
+
 def filter_leaks(leaks: Iterable[Leak], *, suppressions: Suppressions | None = None,
-                 module: str | None = None, min_age: float = 0.0) -> tuple[list[Leak], int]:
+                 module: str | None = None, min_age: float = 0.0,
+                 kernel_not_leaks: bool = True) -> tuple[list[Leak], int]:
     """(leaks kept, how many suppressions removed); module and age filters apply first,
-    so a leak they drop neither counts as suppressed nor as a suppression hit."""
+    so a leak they drop neither counts as suppressed nor as a suppression hit. The
+    kernel's own not-leaks (KERNEL_NOT_LEAKS) count as suppressed too."""
     kept: list[Leak] = []
     suppressed = 0
+    kernel = Suppressions(KERNEL_NOT_LEAKS if kernel_not_leaks else ())
     for leak in leaks:
         if module is not None and not any(f.module == module for f in leak.backtrace):
             continue
         if leak.age_s < min_age:
             continue
-        if suppressions is not None and suppressions.matches(leak) is not None:
+        if kernel.matches(leak) is not None or \
+                suppressions is not None and suppressions.matches(leak) is not None:
             suppressed += 1
             continue
         kept.append(leak)

@@ -128,17 +128,19 @@ def slab_code_on_cpus(s, snap) -> list[list[str]]:
     return busy
 
 
-def scan_command(vm, guest_image, out, *args) -> dict[int, dict]:
-    """`qemuleak scan --module-filter leaky` (exit code 1: leaks) -> leaks by address."""
+def scan_command(vm, guest_image, out, *args, module="leaky") -> dict[int, dict]:
+    """`qemuleak scan --module-filter leaky` (exit code 1: leaks) -> leaks by address
+    (key None: the scan's suppressed count)."""
     p = subprocess.run([sys.executable, "-m", "qemuleak.cli", "scan", vm.gdb_target,
                         "--system-map", str(guest_image.system_map), "--format", "json",
-                        "--output", str(out), "--module-filter", "leaky", *args],
-                       capture_output=True, text=True, timeout=300)
+                        "--output", str(out), *(["--module-filter", module] if module else []),
+                        *args], capture_output=True, text=True, timeout=300)
     assert p.returncode == 1, p.stderr
     assert "slub_debug=U" not in p.stderr, p.stderr          # tracks were found
     doc = json.loads(out.read_text())
     jsonschema.validate(doc, report.JSON_SCHEMA)
-    return {int(x["address"], 16): x for x in doc["scans"][0]["leaks"]}
+    return {int(x["address"], 16): x for x in doc["scans"][0]["leaks"]} | \
+        {None: doc["scans"][0]["suppressed"]}
 
 
 def test_scan_command_with_slub_tracks(boot, guest_image, tmp_path):
@@ -173,6 +175,13 @@ def test_scan_command_with_slub_tracks(boot, guest_image, tmp_path):
     assert area["size"] == 4 * 4096, area                     # whole pages, guard page left out
     assert area["backtrace"][0]["symbol"].startswith("make_leaks+"), area["backtrace"]
     assert area["backtrace"][0]["module"] == "leaky"
+    # no filter: leaky's leaks only; the sysctl headers the kernel marks
+    # kmemleak_not_leak() at boot are counted as suppressed
+    leaks = scan_command(vm, guest_image, out, module=None)
+    suppressed = leaks.pop(None)
+    others = [(hex(a), [f["symbol"] for f in x["backtrace"]]) for a, x in leaks.items()
+              if not any(f["module"] == "leaky" for f in x["backtrace"])]
+    assert not others and suppressed >= 1, (others, suppressed)
     # the guest runs on
     vm.send_line("echo alive-$((40+2))")
     vm.wait_for_line("alive-42", timeout=30)

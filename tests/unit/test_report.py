@@ -331,6 +331,20 @@ def test_filter_leaks():
     assert supp.hits == {"do_one_initcall": 1}
 
 
+def test_kernel_not_leaks_are_suppressed():
+    """What the kernel marks kmemleak_not_leak() at boot (sysctl headers) is
+    suppressed and counted; the same helper called from elsewhere is not."""
+    def frame(name, module=None):
+        return Frame(0xFFFFFFFF81000000, f"{name}+0x10/0x40", name, module)
+    boot = leak(0x1000, backtrace=(KMALLOC, frame("__register_sysctl_table"),
+                                   frame("__register_sysctl_base"), INITCALL))
+    mount_point = leak(0x2000, backtrace=(KMALLOC, frame("__register_sysctl_table"),
+                                          frame("register_sysctl_mount_point"),
+                                          frame("mymod_init", "mymod")))
+    assert filter_leaks([boot, mount_point]) == ([mount_point], 1)
+    assert filter_leaks([boot, mount_point], kernel_not_leaks=False) == ([boot, mount_point], 0)
+
+
 # --------------------------------------------------------------------------
 # Reporter
 
