@@ -25,7 +25,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         console, out = Path(tmp) / "console.log", Path(tmp) / "report.txt"
         argv = ["run", "--module", str(leaky), "-c", "insmod /modules/leaky.ko",
-                "--module-filter", "leaky", "--untracked", "ignore", "--console", str(console)]
+                "--module-filter", "leaky", "--console", str(console)]
         print("demo: qemuleak " + " ".join(a if " " not in a else repr(a) for a in argv),
               flush=True)
         code = qemuleak(argv + ["--output", str(out)])
