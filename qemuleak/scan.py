@@ -266,21 +266,19 @@ class Untracked:
 
 
 def _untracked(kernel, ram: RamCopy, pages: mm.Pages, addresses, sizes, inv,
-               exclude: list[tuple[int, int]], percpu_chunks) -> Untracked | None:
+               exclude: list[tuple[int, int]], busy, percpu_chunks) -> Untracked | None:
     """The inventoried objects that no tracked object holds, or None when the
     slabs cannot be read (the scan then takes all allocated RAM as roots). `inv`:
     the snapshot's SLUB inventory, if the caller has it already. vmalloc areas
     overlapping `exclude` (roots: module memory, task stacks) stay roots.
-    `percpu_chunks`: the per-CPU allocator's map, or None."""
+    `busy`: the busy vmap areas, or None; `percpu_chunks`: the per-CPU
+    allocator's map, or None."""
     if inv is None:
         try:
             inv = slub.inventory(kernel, ram, pages)
         except QemuleakError:
             return None
-    try:
-        areas = vmalloc.allocations(kernel)
-    except QemuleakError:
-        areas = []
+    areas = vmalloc.allocations(kernel, busy) if busy is not None else []
     start = np.array([a for a, _, _ in areas], np.uint64)
     size = np.array([n for _, n, _ in areas], np.int64)
     keep = ~_overlapping(start, start + size.astype(np.uint64), exclude)
@@ -309,6 +307,15 @@ def _untracked(kernel, ram: RamCopy, pages: mm.Pages, addresses, sizes, inv,
         for f in ("addresses", "sizes", "kinds", "flags", "callers", "cache"):
             setattr(u, f, getattr(u, f)[~inside])
     return u
+
+
+def _busy_vmap_areas(kernel) -> "list[vmalloc.VmapArea] | None":
+    """The busy vmap areas, walked once per scan (objects and cleaning both need
+    them), or None when the kernel's vmalloc lists cannot be found."""
+    try:
+        return vmalloc.for_each_vmap_area(kernel)
+    except QemuleakError:
+        return None
 
 
 def _overlapping(starts: np.ndarray, ends: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
@@ -424,6 +431,7 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
         live, dead, cached = _stack_spans(kernel, snapshot, options.stack)
         spans = _kernel_roots(kernel, live)
         cpus = percpu.possible_cpus(kernel)
+        busy = _busy_vmap_areas(kernel)
         if options.untracked == "roots":
             pages = mm.Pages(kernel, ram.ranges)
             try:
@@ -431,7 +439,7 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
             except QemuleakError:
                 chunks = None
             untracked = _untracked(kernel, ram, pages, addresses, sizes, inventory,
-                                   [(a, n) for a, n, _ in spans] + dead, chunks)
+                                   [(a, n) for a, n, _ in spans] + dead, busy, chunks)
         extra = np.full(len(addresses), -1)     # index in `untracked`, per object
         if untracked is not None:
             # objects from before tracing are objects too (reported only with `all`)
@@ -445,7 +453,7 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
             tracked = np.concatenate([tracked, np.zeros(n, bool)])[order]
             extra = np.concatenate([np.full(len(order) - n, -1), np.arange(n)])[order]
         contents = _object_contents(kernel, ram, addresses, sizes, kinds, cpus)
-        meta = allocator_words(kernel)
+        meta = allocator_words(kernel, busy)
         ends = addresses + sizes
         named = to_ram(kernel, ram, np.arange(len(spans)), [s for s, _, _ in spans],
                        [n for _, n, _ in spans])

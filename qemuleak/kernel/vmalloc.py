@@ -16,16 +16,17 @@ class VmapArea:
     flags: int            # vm->flags
 
 
-def allocator_words(kernel) -> list[int]:
+def allocator_words(kernel, busy: list[VmapArea] | None = None) -> list[int]:
     """Addresses of the allocator's own words that point at vmalloc areas (the
     references every area has, which are not its user's): va_start and va_end of
     every vmap_area, busy, free or waiting to be purged (a free area ends where a
-    busy one starts), and vm_struct.addr of the busy ones."""
+    busy one starts), and vm_struct.addr of the busy ones. `busy`: the busy areas,
+    if the caller has walked them already."""
     t = kernel.types
     start_off = t.offsetof("struct vmap_area", "va_start")
     end_off = t.offsetof("struct vmap_area", "va_end")
     out = []
-    for a in for_each_vmap_area(kernel):
+    for a in busy if busy is not None else for_each_vmap_area(kernel):
         out += [a.address + start_off, a.address + end_off]
         if a.vm:
             out.append(a.vm + t.offsetof("struct vm_struct", "addr"))
