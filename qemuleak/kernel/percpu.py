@@ -57,8 +57,9 @@ class ChunkMap:
 def chunk_map(kernel) -> ChunkMap:
     """Every dynamic per-CPU allocation (alloc_percpu and friends) and every free
     range, from the chunks' allocation and boundary bitmaps (mm/percpu.c): a
-    boundary bit starts each allocation or free range, and the allocation bit
-    there says which. The reserved chunk (modules' static per-CPU variables) is
+    boundary bit with its allocation bit set starts an allocation, which runs to
+    the next boundary bit; free ranges are the runs of clear allocation bits
+    (freeing leaves stale boundary bits inside them). The reserved chunk (modules' static per-CPU variables) is
     included; the first chunk's static part is not."""
     sym = kernel.symbols.get
     names = ("pcpu_first_chunk", "pcpu_chunk_lists", "pcpu_nr_slots", "pcpu_base_addr",
@@ -92,7 +93,7 @@ def chunk_map(kernel) -> ChunkMap:
         hi = bits - _signed32(read("end_offset", 4)) // MIN_ALLOC
         edges = np.flatnonzero(bound)
         starts, ends = edges[:-1], edges[1:]
-        # free ranges have no boundary bits inside: split them where bits change
+        # free ranges may hold stale boundary bits: take them from the allocation bits
         used = alloc[starts]
         free_bits = np.flatnonzero(np.diff(np.concatenate(([0], (~alloc).astype(np.int8), [0]))))
         fs, fe = free_bits[::2], free_bits[1::2]
