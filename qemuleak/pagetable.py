@@ -110,35 +110,100 @@ class PageTables:
     def mappings(self, start: int, end: int) -> list[Mapping]:
         """Every mapped piece of [start, end), adjacent pieces merged.
 
-        `start` and `end` lie in the same half of the address space."""
-        out: list[Mapping] = []
-        if start >= end:
-            return out
-        high = start & ~((1 << self.fmt.va_bits) - 1)   # the sign-extension bits
-        self._walk(self.root, 0, high, start, end, out)
-        return out
+        `start` and `end` lie in the same half of the address space; what
+        `translate` rejects as outside the translated range maps nothing."""
+        va, pa, size = self.mapping_arrays(start, end)
+        return [Mapping(v, p, n) for v, p, n in zip(va.tolist(), pa.tolist(), size.tolist())]
 
-    def _walk(self, table: int, level: int, base: int, start: int, end: int,
-              out: list[Mapping]) -> None:
-        """Walk `table`, whose first entry maps virtual address `base`."""
-        shift = self.fmt.shifts[level]
+    def mapping_arrays(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`mappings` as uint64 arrays (va, pa, size), in address order.
+
+        The walk goes level by level: all entries of one level that overlap the
+        range are decoded at once, so no Python runs per entry."""
+        start, end = self._translated(start, end)
+        if start >= end:
+            return _no_pieces()
+        self._table(self.root)          # a root outside RAM is an error, a table below it is not
+        tables = [(self.root, start & ~((1 << self.fmt.va_bits) - 1))]
+        found = []
+        for shift in self.fmt.shifts:
+            entries, vas = self._entries(tables, shift, start, end)
+            if not len(entries):
+                break
+            is_table, is_leaf, addr = self.fmt.decode(entries, shift)
+            if is_leaf.all():           # a linear map's page tables: skip the copies
+                found.append(_leaves(vas, addr, shift, start, end))
+            elif is_leaf.any():
+                found.append(_leaves(vas[is_leaf], addr[is_leaf], shift, start, end))
+            tables = list(zip(addr[is_table].tolist(), vas[is_table].tolist()))
+        if len(found) <= 1:
+            return found[0] if found else _no_pieces()
+        va, pa, size = (np.concatenate(a) for a in zip(*found))
+        order = np.argsort(va, kind="stable")
+        return _merged(va[order], pa[order], size[order])
+
+    def _translated(self, start: int, end: int) -> tuple[int, int]:
+        """[start, end) cut to the half that `translate` accepts addresses of: the
+        tables would alias the addresses outside it."""
+        bits = self.fmt.va_bits
+        if self.fmt.kernel_only or start >> 63:
+            low = (1 << 64) - (1 << (bits if self.fmt.kernel_only else bits - 1))
+            return max(start, low), min(end, 1 << 64)
+        return start, min(end, 1 << (bits - 1))
+
+    def _entries(self, tables: list[tuple[int, int]], shift: int, start: int,
+                 end: int) -> tuple[np.ndarray, np.ndarray]:
+        """The entries of `tables` (each a table's address and the virtual address
+        its first entry maps) that overlap [start, end), and the addresses they map."""
         span = 1 << shift
-        is_table, is_leaf, addr = self.fmt.decode(self._table(table), shift)
-        first = max(0, (start - base) >> shift)
-        last = min(512, (end - base + span - 1) >> shift)
-        present = np.flatnonzero((is_table | is_leaf)[first:last]) + first
-        for idx in present.tolist():
-            va = base + (idx << shift)
-            if is_leaf[idx]:
-                lo, hi = max(va, start), min(va + span, end)
-                pa = int(addr[idx]) + (lo - va)
-                prev = out[-1] if out else None
-                if prev and prev.va + prev.size == lo and prev.pa + prev.size == pa:
-                    out[-1] = Mapping(prev.va, prev.pa, prev.size + hi - lo)
-                else:
-                    out.append(Mapping(lo, pa, hi - lo))
-            else:
-                try:
-                    self._walk(int(addr[idx]), level + 1, va, start, end, out)
-                except GuestMemoryError:
-                    continue    # a table outside RAM: nothing there we could read
+        parts, starts, counts = [], [], []
+        total = 0
+        for pa, base in tables:
+            first = max(0, (start - base) >> shift)
+            stop = min(512, (end - base + span - 1) >> shift)
+            if stop <= first:
+                continue
+            try:
+                parts.append(self._table(pa)[first:stop])
+            except GuestMemoryError:
+                continue        # a table outside RAM: nothing there we could read
+            # joined entry i (of this table) maps this + i * span, mod 2**64
+            starts.append((base + (first - total) * span) % (1 << 64))
+            counts.append(stop - first)
+            total += stop - first
+        if not parts:
+            return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+        vas = (np.repeat(np.array(starts, np.uint64), counts)
+               + np.arange(0, total * span, span, dtype=np.uint64))
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), vas
+
+
+def _no_pieces() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+
+
+def _leaves(va: np.ndarray, pa: np.ndarray, shift: int, start: int,
+            end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Leaves mapping `1 << shift` bytes each at `va` from `pa` (in address order,
+    all overlapping [start, end)) merged where contiguous in both, cut to [start, end)."""
+    span = np.uint64(1 << shift)
+    breaks = np.flatnonzero((np.diff(va) != span) | (np.diff(pa) != span)) + 1
+    firsts = np.concatenate(([0], breaks))
+    lo, lo_pa = va[firsts], pa[firsts]
+    last = va[np.append(breaks - 1, len(va) - 1)] + (span - np.uint64(1))   # 2**64 - 1 at most
+    # only the first leaf may start before `start`, only the last end after `end`
+    cut = np.uint64(max(0, start - int(lo[0])))
+    lo[0] += cut
+    lo_pa[0] += cut
+    last[-1] = min(int(last[-1]), end - 1)
+    return lo, lo_pa, last - lo + np.uint64(1)
+
+
+def _merged(va: np.ndarray, pa: np.ndarray,
+            size: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pieces in address order with each run contiguous in both va and pa joined."""
+    if len(va) < 2:
+        return va, pa, size
+    joins = (va[1:] == va[:-1] + size[:-1]) & (pa[1:] == pa[:-1] + size[:-1])
+    firsts = np.flatnonzero(np.concatenate(([True], ~joins)))
+    return va[firsts], pa[firsts], np.add.reduceat(size, firsts)

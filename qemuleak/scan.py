@@ -127,45 +127,77 @@ def to_ram(kernel, ram: RamCopy, owner, va, length) -> Segments:
     owner, va, length = (np.asarray(a, np.int64 if a is not va else np.uint64).reshape(-1)
                          for a in (owner, va, length))
     keep = (va >= np.uint64(_KERNEL_HALF)) & (length > 0)
-    owner, va, length = owner[keep], va[keep], length[keep]
+    if not keep.all():
+        owner, va, length = owner[keep], va[keep], length[keep]
     if not len(va):
         return Segments.empty()
     order = np.argsort(va, kind="stable")
     owner, va, length = owner[order], va[order], length[order]
     end = va + length.astype(np.uint64)
     reach_end = np.maximum.accumulate(end)
-    cuts = np.flatnonzero(va[1:] - reach_end[:-1] > np.uint64(_GAP)) + 1
+    # Walk each run of segments without a gap over 1 GiB alone, not the (huge)
+    # gaps between runs; runs are disjoint and in order, so are their pieces.
+    after = va[1:] - reach_end[:-1]                 # wraps where a segment overlaps
+    gaps = (np.flatnonzero((va[1:] > reach_end[:-1]) & (after > np.uint64(_GAP))) + 1).tolist()
     tables = kernel.guest.page_tables()
-    out = []
-    for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(va)]):
-        pieces = []
-        for m in tables.mappings(int(va[a]), int(reach_end[b - 1])):
-            for r in ram.ranges:
-                lo, hi = max(m.pa, r.gpa), min(m.pa + m.size, r.end)
-                if lo < hi:
-                    pieces.append((m.va + lo - m.pa, r.offset + lo - r.gpa, hi - lo))
-        if not pieces:
-            continue
-        pieces.sort()
-        pva = np.array([p[0] for p in pieces], np.uint64)
-        poff = np.array([p[1] for p in pieces], np.int64)
-        psize = np.array([p[2] for p in pieces], np.int64)
-        sv, se, so = va[a:b], end[a:b], owner[a:b]
-        k = np.searchsorted(pva, sv, side="right").astype(np.int64) - 1
-        kc = np.maximum(k, 0)
-        fits = (k >= 0) & (se <= pva[kc] + psize[kc].astype(np.uint64))
-        out.append(Segments(so[fits], poff[kc[fits]] + (sv[fits] - pva[kc[fits]]).astype(np.int64),
-                            (se[fits] - sv[fits]).astype(np.int64)))
-        for i in np.flatnonzero(~fits).tolist():          # crosses pages: vmalloc
-            lo, hi = int(sv[i]), int(se[i])
-            j = max(int(k[i]), 0)
-            while j < len(pieces) and pieces[j][0] < hi:
-                p_va, p_off, p_size = pieces[j]
-                s, e = max(lo, p_va), min(hi, p_va + p_size)
-                if s < e:
-                    out.append(Segments.of([so[i]], [p_off + s - p_va], [e - s]))
-                j += 1
-    return Segments.concat(out)
+    walked = [tables.mapping_arrays(int(va[a]), int(reach_end[b - 1]))
+              for a, b in zip([0, *gaps], [*gaps, len(va)])]
+    pva, poff, psize = _ram_pieces(ram, *(np.concatenate(m) for m in zip(*walked)))
+    if not len(pva):
+        return Segments.empty()
+    # The last piece starting at or before each segment (-1: none). Segments far
+    # outnumber pieces: counting where pieces start beats a search per segment.
+    k = np.cumsum(np.bincount(np.searchsorted(va, pva), minlength=len(va) + 1)[:len(va)]) - 1
+    kc = np.maximum(k, 0)
+    piece_va = pva[kc]
+    fits = (k >= 0) & (end <= piece_va + psize[kc].astype(np.uint64))
+    inside = Segments(owner, poff[kc] + (va - piece_va).astype(np.int64), length).select(fits)
+    cross = np.flatnonzero(~fits)                           # crosses pages: vmalloc
+    if not len(cross):
+        return inside
+    which, offset, size = _cut_at_pieces(pva, poff, psize, va[cross], end[cross], kc[cross])
+    # The order callers have always had (a leak's first bytes come from it): per
+    # group, the segments inside one piece, then the cut ones. A group ends at a
+    # gap over 1 GiB and, as the wrapped difference has it, at an overlap.
+    group_starts = np.append(np.flatnonzero(after > np.uint64(_GAP)) + 1, len(va))
+    group_end = group_starts[np.searchsorted(group_starts, cross[which], side="right")]
+    at = group_end - np.searchsorted(cross, group_end)      # fitting segments before it
+    return Segments(np.insert(inside.owner, at, owner[cross[which]]),
+                    np.insert(inside.offset, at, offset), np.insert(inside.length, at, size))
+
+
+def _ram_pieces(ram: RamCopy, va: np.ndarray, pa: np.ndarray,
+                size: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mapped pieces (va, pa, size) cut to the RAM ranges, as (va, offset in the
+    RAM copy, size), in address order."""
+    pa, size = pa.astype(np.int64), size.astype(np.int64)
+    parts = []
+    for r in ram.ranges:
+        lo, hi = np.maximum(pa, r.gpa), np.minimum(pa + size, r.end)
+        ok = lo < hi
+        lo, hi = lo[ok], hi[ok]
+        parts.append((va[ok] + (lo - pa[ok]).astype(np.uint64), lo + (r.offset - r.gpa), hi - lo))
+    if not parts:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pva, poff, psize = (np.concatenate(p) for p in zip(*parts))
+    order = np.lexsort((psize, poff, pva))
+    return pva[order], poff[order], psize[order]
+
+
+def _cut_at_pieces(pva: np.ndarray, poff: np.ndarray, psize: np.ndarray, lo: np.ndarray,
+                   hi: np.ndarray, first: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segments [lo, hi) cut where the pieces (from `first` on) cut them, the parts
+    outside every piece dropped: (segment index, offset, length) per part, by
+    segment, then address."""
+    stop = np.searchsorted(pva, hi, side="left")            # pieces starting before hi
+    count = np.maximum(stop - first, 0)
+    which = np.repeat(np.arange(len(lo)), count)
+    j = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count - first, count)
+    s = np.maximum(lo[which], pva[j])
+    e = np.minimum(hi[which], pva[j] + psize[j].astype(np.uint64))
+    ok = s < e
+    which, j, s, e = which[ok], j[ok], s[ok], e[ok]
+    return which, poff[j] + (s - pva[j]).astype(np.int64), (e - s).astype(np.int64)
 
 
 def _object_contents(kernel, ram, addresses, sizes, kinds, cpus) -> Segments:
@@ -487,7 +519,7 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
     reportable = ((flags & int(Flags.NOT_LEAK | Flags.IGNORE)) == 0) & \
         (tracked | options.all_objects)
     white = ~result.gray & reportable
-    src, dst = reach.leak_edges(ram.data, addresses, ends, contents, white, untag)
+    src, dst = reach.leak_edges(ram.data, addresses, ends, contents, white, untag, result)
     direct = reach.classify(white, src, dst, seqs)
     states = np.where(white, np.where(direct, "direct leak", "indirect leak"),
                       np.where(tracked | result.gray, "referenced", "unreferenced, untracked"))

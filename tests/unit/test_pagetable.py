@@ -7,6 +7,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -797,3 +798,235 @@ def test_property_x86_four_level_user(data, offsets):
 @given(data=page_sets("arm64-48"), offsets=st.lists(st.integers(0, PAGE - 1), max_size=100))
 def test_property_arm64_48bit(data, offsets):
     check_pages("arm64-48", data, offsets)
+
+
+# --------------------------------------------------------------------------
+# mapping_arrays(): the level-by-level walk agrees with a walk one entry at a time
+
+
+def per_entry_walk(pt: PageTables, start: int, end: int) -> list[Mapping]:
+    """The mapped pieces of [start, end) found the slow way: recursing into one
+    present entry after the other, merging as it goes."""
+    out: list[Mapping] = []
+
+    def walk(table: int, level: int, base: int) -> None:
+        shift = pt.fmt.shifts[level]
+        span = 1 << shift
+        entries = np.frombuffer(pt.read_phys(table, PAGE), dtype="<u8")
+        is_table, is_leaf, addr = pt.fmt.decode(entries, shift)
+        first = max(0, (start - base) >> shift)
+        last = min(512, (end - base + span - 1) >> shift)
+        for idx in np.flatnonzero((is_table | is_leaf)[first:last]) + first:
+            va = base + (int(idx) << shift)
+            if is_leaf[idx]:
+                lo, hi = max(va, start), min(va + span, end)
+                pa = int(addr[idx]) + (lo - va)
+                if out and out[-1].va + out[-1].size == lo and out[-1].pa + out[-1].size == pa:
+                    out[-1] = Mapping(out[-1].va, out[-1].pa, out[-1].size + hi - lo)
+                else:
+                    out.append(Mapping(lo, pa, hi - lo))
+            else:
+                try:
+                    walk(int(addr[idx]), level + 1, va)
+                except GuestMemoryError:
+                    continue
+
+    if start < end:
+        walk(pt.root, 0, start & ~((1 << pt.fmt.va_bits) - 1))
+    return out
+
+
+def same_walks(pt: PageTables, start: int, end: int) -> list[Mapping]:
+    """mappings() and mapping_arrays() of [start, end), checked against the slow walk."""
+    expected = per_entry_walk(pt, start, end)
+    va, pa, size = pt.mapping_arrays(start, end)
+    assert va.dtype == pa.dtype == size.dtype == np.uint64
+    assert list(zip(va.tolist(), pa.tolist(), size.tolist())) == [
+        (m.va, m.pa, m.size) for m in expected]
+    assert pt.mappings(start, end) == expected
+    return expected
+
+
+# Where each flavour's kernel half starts, and a top-level index inside it to build at.
+KERNEL_HALF = {"x86_64-4": (0xFFFF800000000000, 256), "x86_64-5": (0xFF00000000000000, 256),
+               "arm64-48": (0xFFFF000000000000, 0), "arm64-39": (0xFFFFFF8000000000, 0)}
+ALL_FLAVORS = [X4, X5, A48, A39]
+
+
+def slot(flavor: Flavor, *indices: int) -> int:
+    """The kernel virtual address with these table indices, top level first."""
+    low, top = KERNEL_HALF[flavor.name]
+    va = low | ((top + indices[0]) << flavor.fmt.shifts[0])
+    for shift, idx in zip(flavor.fmt.shifts[1:], indices[1:]):
+        va |= idx << shift
+    return va
+
+
+def mixed_tables(flavor: Flavor) -> Builder:
+    """Blocks, 4 KiB runs (physically contiguous or not), holes, tables outside
+    RAM, one page table shared by several entries, and the very last page."""
+    b = Builder(flavor)
+    base = slot(flavor, 1)
+    b.map(base, 0x4000_0000, GiB)                                  # 1 GiB block
+    b.map(base + GiB, 0x8000_0000, 2 * MiB)                        # then 2 MiB, contiguous
+    for i in range(600):                                            # 4 KiB pages over two tables
+        b.map(base + GiB + 2 * MiB + i * PAGE, 0x8020_0000 + i * PAGE)
+    b.map(base + GiB + 2 * MiB + 600 * PAGE, 0x9000_0000)           # physical gap
+    b.map(base + GiB + 2 * MiB + 602 * PAGE, 0x9000_1000)           # virtual gap
+    b.map(base + GiB + 6 * MiB, 0xA000_0000, 2 * MiB)               # after a hole
+    b.set_raw(base + GiB + 8 * MiB, 21, flavor.table(0x7_0000_0000))   # PD/L2 entry outside RAM
+    b.set_raw(base + 3 * GiB, 30, flavor.table(0x7_0000_1000))        # PDPT/L1 entry outside RAM
+    b.map(base + 4 * GiB + 0x5000, 0x7_1234_5000)                   # leaf outside RAM: kept
+    # KASAN's early shadow: one page table under many PMD entries
+    shared = base + 5 * GiB
+    b.map(shared, 0xB000_0000)
+    table = b.table_for(shared, 12)
+    for i in range(1, 5):
+        b.set_raw(shared + i * 2 * MiB, 21, flavor.table(table))
+    b.map((1 << 64) - PAGE, 0xC000_0000)                            # the last page there is
+    b.map((1 << 64) - 2 * PAGE, 0xBFFF_F000)
+    return b
+
+
+@pytest.mark.parametrize("flavor", ALL_FLAVORS, ids=lambda f: f.name)
+def test_mapping_arrays_agree_with_the_per_entry_walk(flavor):
+    b = mixed_tables(flavor)
+    pt = b.walker()
+    low = KERNEL_HALF[flavor.name][0]
+    base = slot(flavor, 1)
+    full = same_walks(pt, low, 1 << 64)
+    assert len(full) >= 8
+    assert full[0] == Mapping(base, 0x4000_0000, GiB + 2 * MiB + 600 * PAGE)
+    assert full[-1] == Mapping((1 << 64) - 2 * PAGE, 0xBFFF_F000, 2 * PAGE)
+    assert [m.va for m in full if m.pa == 0xB000_0000] == [base + 5 * GiB + i * 2 * MiB
+                                                          for i in range(5)]
+    for lo, hi in [(base + 0x123, base + GiB + 3 * MiB + 7),       # cut through a block and pages
+                   (base + GiB + 0x1000, base + GiB + 0x1010),    # inside one 2 MiB block
+                   (base + GiB + 2 * MiB + 599 * PAGE + 9, base + GiB + 7 * MiB),
+                   (base + 2 * GiB, base + 4 * GiB + 0x5001),     # holes and tables outside RAM
+                   (base + 5 * GiB + 0x800, base + 6 * GiB),
+                   ((1 << 64) - PAGE - 1, 1 << 64),
+                   ((1 << 64) - 3, (1 << 64) - 1),
+                   (base + 0x10, base + 0x10), (base + 0x10, base)]:
+        same_walks(pt, lo, hi)
+
+
+@pytest.mark.parametrize("flavor", ALL_FLAVORS, ids=lambda f: f.name)
+def test_mapping_arrays_of_nothing(flavor):
+    pt = Builder(flavor).walker()
+    low = KERNEL_HALF[flavor.name][0]
+    for lo, hi in [(low, 1 << 64), (low + 5, low + 5), (low + 5, low)]:
+        va, pa, size = pt.mapping_arrays(lo, hi)
+        assert len(va) == len(pa) == len(size) == 0
+        assert va.dtype == pa.dtype == size.dtype == np.uint64
+
+
+@pytest.mark.parametrize("flavor", ALL_FLAVORS, ids=lambda f: f.name)
+def test_mapping_arrays_root_outside_ram(flavor):
+    pt = PageTables(FakeRAM().read_phys, 0x7_0000_0000, flavor.fmt)
+    low = KERNEL_HALF[flavor.name][0]
+    with pytest.raises(GuestMemoryError):
+        pt.mapping_arrays(low, 1 << 64)
+    with pytest.raises(GuestMemoryError):
+        per_entry_walk(pt, low, 1 << 64)
+
+
+def test_mapping_arrays_linear_map_of_4k_pages():
+    # arm64 maps its linear map with 4 KiB pages: many page tables, one mapping.
+    b = Builder(A48)
+    va = 0xFFFF000040000000
+    for i in range(3 * 512 + 17):
+        b.map(va + i * PAGE, 0x4000_0000 + i * PAGE)
+    pt = b.walker()
+    n = 3 * 512 + 17
+    assert same_walks(pt, va - GiB, va + GiB) == [Mapping(va, 0x4000_0000, n * PAGE)]
+    assert same_walks(pt, va + 700 * PAGE + 1, va + 1500 * PAGE - 1) == [
+        Mapping(va + 700 * PAGE + 1, 0x4000_0000 + 700 * PAGE + 1, 800 * PAGE - 2)]
+
+
+SIZES = st.sampled_from([PAGE, PAGE, PAGE, 2 * MiB, GiB])
+
+
+@st.composite
+def mixed_sets(draw, flavor: Flavor):
+    """Leaves of every size (physically contiguous runs often), tables outside
+    RAM, and a range to walk, at indices that put them next to each other."""
+    levels = len(flavor.fmt.shifts)
+    ops = []
+    pa = 0x4000_0000
+    for _ in range(draw(st.integers(1, 12))):
+        size = draw(SIZES)
+        indices = [draw(st.sampled_from([0, 1, 2, 255, 510, 511])) for _ in range(levels)]
+        indices[0] %= 4 if flavor is A39 else 256
+        va = slot(flavor, *indices) & ~(size - 1)
+        kind = draw(st.sampled_from(["next", "next", "new", "outside"]))
+        if kind == "outside" and size > PAGE:
+            ops.append(("outside", va, size.bit_length() - 1))
+            continue
+        pa = draw(st.integers(0, 1 << 27)) << 12 if kind == "new" else pa
+        pa = pa & ~(size - 1)
+        for k in range(draw(st.integers(1, 3)) if size == PAGE else 1):
+            ops.append(("map", va + k * size, pa, size))
+            pa += size
+    vas = [op[1] for op in ops]
+    low = KERNEL_HALF[flavor.name][0]
+    point = st.one_of(st.just(low), st.just(1 << 64), st.integers(low, (1 << 64) - 1),
+                      st.sampled_from(vas).flatmap(lambda v: st.integers(v - 2 * PAGE, v + 3 * PAGE)))
+    lo, hi = sorted([draw(point), draw(point)])
+    return ops, max(lo, low), min(hi, 1 << 64)
+
+
+def check_mixed(flavor: Flavor, data) -> None:
+    ops, lo, hi = data
+    b = Builder(flavor)
+    for n, op in enumerate(ops):
+        if op[0] == "map":
+            b.map(*op[1:])
+        else:
+            b.set_raw(op[1], op[2], flavor.table(0x7_0000_0000 + n * PAGE))
+    pt = b.walker()
+    same_walks(pt, lo, hi)
+    same_walks(pt, KERNEL_HALF[flavor.name][0], 1 << 64)
+
+
+@PROPERTY
+@given(data=mixed_sets(X4))
+def test_property_mapping_arrays_x86_four_level(data):
+    check_mixed(X4, data)
+
+
+@PROPERTY
+@given(data=mixed_sets(X5))
+def test_property_mapping_arrays_x86_five_level(data):
+    check_mixed(X5, data)
+
+
+@PROPERTY
+@given(data=mixed_sets(A48))
+def test_property_mapping_arrays_arm64_48bit(data):
+    check_mixed(A48, data)
+
+
+@PROPERTY
+@given(data=mixed_sets(A39))
+def test_property_mapping_arrays_arm64_39bit(data):
+    check_mixed(A39, data)
+
+
+@pytest.mark.parametrize("flavor,va,alias", [
+    (X4, 0xFFFF888000000000, 0x0000888000000000),      # non-canonical
+    (X4, 0xFFFF888000000000, 0xFFFF088000000000),
+    (X5, 0xFF11000000000000, 0xFE11000000000000),
+    (A48, 0xFFFF000000000000, 0xFFFE000000000000),      # below the TTBR1 range
+    (A39, 0xFFFFFF8000000000, 0xFFFFFF0000000000),
+])
+def test_mapping_arrays_outside_the_translated_range(flavor, va, alias):
+    # Like translate(): the index bits of an address outside the range would
+    # alias a mapped one; a range reaching out of it keeps only what is inside.
+    b = Builder(flavor)
+    b.map(va, 0x4000_0000, 2 * MiB)
+    pt = b.walker()
+    assert pt.mappings(alias, alias + 2 * MiB) == []
+    assert pt.mappings(va - 0x1000, va + 0x1000) == [Mapping(va, 0x4000_0000, 0x1000)]
+    if alias >> 63:                                      # same half as va
+        assert pt.mappings(alias + 0x1000, va + 0x1000) == [Mapping(va, 0x4000_0000, 0x1000)]
