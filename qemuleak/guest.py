@@ -18,6 +18,7 @@ from .pagetable import PageTables
 from .rsp import Register, RSPClient
 
 BACKENDS = ("auto", "shared-ram", "proc-mem", "gdbstub")
+_BIG_READ = 1 << 16          # bytes: longer reads walk the page tables once
 
 
 class Guest:
@@ -242,12 +243,26 @@ class Guest:
         """`size` bytes of kernel virtual memory at `va`, through the kernel's page
         tables; GuestMemoryError if any page is not mapped."""
         tables = self.page_tables()
+        if size > _BIG_READ:                 # e.g. the struct page array: by mapping
+            return self._read_mapped(va, size)
         parts = []
         while size > 0:
             n = min(size, 4096 - (va & 4095))
             parts.append(self.mem.read(tables.translate(va), n))
             va += n
             size -= n
+        return b"".join(parts)
+
+    def _read_mapped(self, va: int, size: int) -> bytes:
+        """Like `read`, one piece per mapping rather than per page."""
+        parts, at = [], va
+        for m in self.page_tables().mappings(va, va + size):
+            if m.va != at:
+                break
+            parts.append(self.mem.read(m.pa, m.size))
+            at += m.size
+        if at != va + size:
+            raise GuestMemoryError(f"virtual address {at:#x} is not mapped")
         return b"".join(parts)
 
     def ram_mappings(self, start: int, end: int):

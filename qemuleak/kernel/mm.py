@@ -38,7 +38,7 @@ class Pages:
     def field(self, pages: np.ndarray, off: int, dtype: str) -> np.ndarray:
         """One field (at byte `off`, of numpy `dtype`) of each struct page in `pages`."""
         width = np.dtype(dtype).itemsize
-        return np.ascontiguousarray(pages[:, off:off + width]).view(dtype).reshape(len(pages))
+        return pages[:, off:off + width].view(dtype)[:, 0]      # a strided view, no copy
 
     def heads(self, r, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For struct pages `pages` of RAM range `r`: (tail, head, ok): which are
