@@ -18,7 +18,7 @@ Root segments are cut around object contents beforehand, reference counts are
 added up once per pass.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +29,7 @@ _TABLE_LIMIT = 1 << 24        # pages per granule table (more: page map + binary
 _CHUNK_WORDS = 1 << 18        # words compared per step: 2 MiB, temporaries stay in cache
 _COPY_WORDS = 1 << 9          # shorter ranges are gathered word by word, longer copied
 _SLICE_WORDS = 1 << 16        # _words: segments at least this long are scanned in place
+_GAP_WORDS = 1 << 9          # _edges: objects this close are scanned as one run
 _SEARCH = 15                  # page code: objects too close together, binary search
 
 
@@ -429,6 +430,9 @@ class Result:
     gray: np.ndarray          # bool per object: reached
     bytes_scanned: int
     waves: int
+    # every reference between objects: (source, target) object indices, by source
+    src: np.ndarray = field(repr=False, default=None)
+    dst: np.ndarray = field(repr=False, default=None)
 
 
 def _same(words):
@@ -436,19 +440,80 @@ def _same(words):
 
 
 def _references(matcher: Matcher, ram64: np.ndarray, first: np.ndarray, last: np.ndarray,
-                owner: np.ndarray, untag, sources: bool = True):
+                owner: np.ndarray, untag):
     """Yield, per chunk, (owner, object) of the words in [first, last) pointing into
-    an object other than their owner (owner: an int for a chunk of one range; None
-    unless `sources`)."""
+    an object other than their owner (owner: an int for a chunk of one range)."""
     for words, owners in _chunks(ram64, first, last, owner):
         pos, obj = matcher.match(untag(words))
-        if not isinstance(owners, int):
-            owners = owners.take(pos)
-        keep = (obj != owners).nonzero()[0]
-        if not sources:
-            yield None, obj.take(keep)
+        if isinstance(owners, int):
+            yield owners, obj.take((obj != owners).nonzero()[0])
         else:
-            yield owners if isinstance(owners, int) else owners.take(keep), obj.take(keep)
+            owners = owners.take(pos)
+            keep = (obj != owners).nonzero()[0]
+            yield owners.take(keep), obj.take(keep)
+
+
+def _edges(matcher: Matcher, ram64: np.ndarray, part: Segments, untag) -> tuple[np.ndarray, np.ndarray]:
+    """(source, target) of every word in `part`'s segments pointing into another
+    object, sorted by source.
+
+    Objects lie close together (a slab's objects are adjacent), so the segments
+    are scanned as a few long runs of RAM, gaps included, and each hit is given to
+    the segment it lies in, if any: slicing RAM costs far less than gathering
+    each object's words. Segments that overlap another one (the same RAM seen at
+    two addresses) are scanned on their own."""
+    first, last = _word_range(part)
+    has = last > first
+    first, last, owner = first[has], last[has], part.owner[has]
+    order = np.argsort(first, kind="stable")
+    first, last, owner = first.take(order), last.take(order), owner.take(order)
+    top = np.maximum.accumulate(last) if len(last) else last
+    alone = np.zeros(len(first), bool)
+    alone[1:] = first[1:] < top[:-1]               # starts inside an earlier one
+    alone[:-1] |= first[1:] < last[:-1]            # a later one starts inside it
+    src, dst = [], []
+    for o, obj in _references(matcher, ram64, first[alone], last[alone], owner[alone], untag):
+        src.append(np.full(len(obj), o, np.int64) if isinstance(o, int) else o)
+        dst.append(obj)
+    first, last, owner = first[~alone], last[~alone], owner[~alone]
+    if len(first):
+        new = np.ones(len(first), bool)
+        new[1:] = first[1:] - last[:-1] > _GAP_WORDS
+        run_first = first[new]
+        run_last = last[np.append(np.flatnonzero(new)[1:] - 1, len(first) - 1)]
+        for words, where in _runs(ram64, run_first, run_last):
+            pos, obj = matcher.match(untag(words))
+            at = where + pos if isinstance(where, int) else where.take(pos)
+            seg = np.searchsorted(first, at, "right") - 1
+            o = owner.take(seg)
+            keep = ((at < last.take(seg)) & (obj != o)).nonzero()[0]
+            src.append(o.take(keep))
+            dst.append(obj.take(keep))
+    if not src:
+        z = np.zeros(0, np.int64)
+        return z, z.copy()
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    order = np.argsort(src, kind="stable")       # nearly sorted already: cheap
+    return src.take(order), dst.take(order)
+
+
+def _runs(ram64: np.ndarray, first: np.ndarray, last: np.ndarray):
+    """Yield (words, where) for the words [first, last) of each range, in chunks of
+    about _CHUNK_WORDS: `where` is the first word's index (an int) for a slice of
+    RAM, else the index of each word, for short ranges packed together."""
+    count = last - first
+    long = count >= _COPY_WORDS
+    for lo, hi in zip(first[long].tolist(), last[long].tolist()):
+        for a in range(lo, hi, _CHUNK_WORDS):
+            yield ram64[a:min(a + _CHUNK_WORDS, hi)], a
+    short = np.flatnonzero(~long)
+    step = max(_CHUNK_WORDS // _COPY_WORDS, 1)        # ranges per pack
+    for i in range(0, len(short), step):
+        sel = short[i:i + step]
+        n = count.take(sel)
+        index = np.repeat(first.take(sel) - (np.cumsum(n) - n), n)
+        index += np.arange(len(index))
+        yield ram64.take(index), index
 
 
 def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
@@ -459,17 +524,17 @@ def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
     not required); `contents` give each object's bytes in it; `roots` the root
     segments (their owners are ignored); `root_words` extra root values;
     `untag(words) -> words` strips pointer tags (arm64); `scan_contents[i]` False
-    for objects whose bytes are never scanned (kmemleak_no_scan)."""
+    for objects whose bytes are never scanned (kmemleak_no_scan).
+
+    Every object's contents are matched in one pass first, giving the graph of
+    references between objects; the waves then follow it. Waves are as many as the
+    longest chain of objects (hundreds, for kernel lists), and scanning each one's
+    few objects from RAM cost more than the pass over objects that stay white.
+    `bytes_scanned` counts what kmemleak would scan: roots and gray objects."""
     n = len(starts)
     matcher = Matcher(starts, ends)
     ram64 = ram[:len(ram) // 8 * 8].view("<u8")
-    counts = np.zeros(n, np.int64)
     untag = untag or _same
-
-    def add(hits: list[np.ndarray]) -> None:
-        # once per pass: counts only matter between passes
-        if hits:
-            counts[:] += np.bincount(np.concatenate(hits), minlength=n)
 
     first, last = _word_range(roots)
     scanned = int(np.maximum(last - first, 0).sum()) * 8
@@ -479,47 +544,53 @@ def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
     hits = [matcher.match(untag(words))[1] for words, _ in _chunks(ram64, first, last, None)]
     if len(root_words):
         hits.append(matcher.match(untag(np.asarray(root_words, U64)))[1])
-    add(hits)
+    counts = np.bincount(np.concatenate(hits), minlength=n) if hits else np.zeros(n, np.int64)
+
+    scan_ok = np.ones(n, bool) if scan_contents is None else np.asarray(scan_contents, bool)
+    part = contents.select(scan_ok[contents.owner])
+    src, dst = _edges(matcher, ram64, part, untag)
+    first, last = _word_range(part)
+    words = np.bincount(part.owner, np.maximum(last - first, 0), minlength=n)
+    index = np.arange(n)
+    out_lo = np.searchsorted(src, index, "left")
+    out_n = np.searchsorted(src, index, "right") - out_lo
 
     min_count = np.asarray(min_count, np.int64)
     gray = (min_count == 0) | (counts >= min_count) & (min_count > 0)
-    frontier = gray.copy()
-    scan_ok = np.ones(n, bool) if scan_contents is None else np.asarray(scan_contents, bool)
-    part = contents.select(scan_ok[contents.owner])
-    first, last = _word_range(part)
-    words = np.maximum(last - first, 0)
+    frontier = np.flatnonzero(gray)
     waves = 0
-    while frontier.any():
+    while len(frontier):
         waves += 1
-        now = frontier[part.owner]
-        scanned += int(words[now].sum()) * 8
-        add([obj for _, obj in _references(matcher, ram64, first[now], last[now],
-                                           part.owner[now], untag, sources=False)])
-        newly = ~gray & (counts >= min_count) & (min_count > 0)
-        gray |= newly
-        frontier = newly
-    return Result(counts, gray, scanned, waves)
+        m = out_n.take(frontier)
+        sel = np.repeat(out_lo.take(frontier) - (np.cumsum(m) - m), m)
+        sel += np.arange(len(sel))
+        hit = dst.take(sel)
+        if len(hit) > n // 8:
+            times = np.bincount(hit, minlength=n)
+            counts += times
+            hit = np.flatnonzero(times)
+        else:
+            hit, times = np.unique(hit, return_counts=True)
+            counts[hit] += times
+        mc = min_count.take(hit)
+        frontier = hit[~gray.take(hit) & (counts.take(hit) >= mc) & (mc > 0)]
+        gray[frontier] = True
+    scanned += int(words[gray].sum()) * 8
+    return Result(counts, gray, scanned, waves, src, dst)
 
 
 def leak_edges(ram: np.ndarray, starts, ends, contents: Segments, white: np.ndarray,
-               untag=None) -> tuple[np.ndarray, np.ndarray]:
-    """(source, target) object pairs where a white object points into another."""
+               untag=None, result: Result | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(source, target) object pairs where a white object points into another;
+    from `result`'s reference graph when given, else by scanning the white objects."""
+    if result is not None and result.src is not None:
+        keep = white[result.src] & white[result.dst]
+        return result.src[keep], result.dst[keep]
     matcher = Matcher(starts, ends)
     ram64 = ram[:len(ram) // 8 * 8].view("<u8")
-    part = contents.select(white[contents.owner])
-    first, last = _word_range(part)
-    src, dst = [], []
-    for owner, obj in _references(matcher, ram64, first, last, part.owner, untag or _same):
-        keep = white[obj]
-        dst.append(obj[keep])
-        if isinstance(owner, int):
-            src.append(np.full(len(dst[-1]), owner, np.int64))
-        else:
-            src.append(owner[keep])
-    if not src:
-        z = np.zeros(0, np.int64)
-        return z, z.copy()
-    return np.concatenate(src), np.concatenate(dst)
+    src, dst = _edges(matcher, ram64, contents.select(white[contents.owner]), untag or _same)
+    keep = white[dst]
+    return src[keep], dst[keep]
 
 
 def classify(white: np.ndarray, src: np.ndarray, dst: np.ndarray,

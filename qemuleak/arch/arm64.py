@@ -125,8 +125,10 @@ class Arm64(Arch):
         return ((1 << 64) - (1 << va_bits) - phys) & ((1 << 64) - 1)
 
     def untag_words(self, words):
-        top = np.uint64(0xFF << 56)
-        return np.where(words >> np.uint64(55) & np.uint64(1), words | top, words & ~top)
+        # bit 55 copied into the top byte: a sign extension from bit 55
+        out = np.left_shift(words, np.uint64(8))
+        np.right_shift(out.view(np.int64), 8, out=out.view(np.int64))
+        return out
 
 
 ARCH = Arm64()
