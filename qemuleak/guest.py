@@ -10,6 +10,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from .arch import Arch, arch_of_target_xml
 from .errors import GuestConnectionError, GuestMemoryError, QemuleakError
 from .memory import (GdbstubMem, PhysMemory, ProcMem, RamRange, SharedRam, hva_of_block,
@@ -264,6 +266,18 @@ class Guest:
         if at != va + size:
             raise GuestMemoryError(f"virtual address {at:#x} is not mapped")
         return b"".join(parts)
+
+    def array(self, va: int, size: int) -> np.ndarray:
+        """`size` bytes at `va` as uint8: a view of the memory when it is one mapped
+        piece of a RAM copy (no copy of, say, 32 MiB of struct pages), else read."""
+        view = getattr(self.mem, "view", None)
+        if view is not None:
+            pieces = self.page_tables().mappings(va, va + size)
+            if len(pieces) == 1 and pieces[0].va == va and pieces[0].size == size:
+                out = view(pieces[0].pa, size)
+                if out is not None:
+                    return out
+        return np.frombuffer(self.read(va, size), np.uint8)
 
     def ram_mappings(self, start: int, end: int):
         """The mapped pieces of [start, end) that are RAM (not device memory)."""

@@ -54,6 +54,7 @@ class PageTables:
         self.root = root
         self.fmt = fmt
         self._tables: dict[int, np.ndarray] = {}
+        self._decodes: dict[tuple[int, int], tuple] = {}
         # Leaves walked so far, by (shift, va >> shift): the direct map's 1 GiB and
         # 2 MiB pages make most later translations one dictionary lookup.
         self._leaves: dict[tuple[int, int], int] = {}
@@ -62,6 +63,7 @@ class PageTables:
     def invalidate(self) -> None:
         """Forget the table pages and translations so far (the guest has run since)."""
         self._tables.clear()
+        self._decodes.clear()
         self._leaves.clear()
 
     def _table(self, pa: int) -> np.ndarray:
@@ -70,6 +72,14 @@ class PageTables:
             t = np.frombuffer(self.read_phys(pa, PAGE), dtype="<u8")
             self._tables[pa] = t
         return t
+
+    def _decoded(self, pa: int, shift: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The table at `pa` decoded as a level-`shift` table, once: decoding one
+        entry costs as much as decoding all 512."""
+        d = self._decodes.get((pa, shift))
+        if d is None:
+            d = self._decodes[(pa, shift)] = self.fmt.decode(self._table(pa), shift)
+        return d
 
     def _index_bits(self, va: int) -> int:
         return va & ((1 << self.fmt.va_bits) - 1)
@@ -91,14 +101,13 @@ class PageTables:
         table = self.root
         for shift in self.fmt.shifts:
             idx = (self._index_bits(va) >> shift) & 0x1FF
-            entry = self._table(table)[idx:idx + 1]
-            is_table, is_leaf, addr = self.fmt.decode(entry, shift)
-            if is_leaf[0]:
-                self._leaves[(shift, va >> shift)] = int(addr[0])
-                return int(addr[0]) | (va & ((1 << shift) - 1))
-            if not is_table[0]:
+            is_table, is_leaf, addr = self._decoded(table, shift)
+            if is_leaf[idx]:
+                self._leaves[(shift, va >> shift)] = int(addr[idx])
+                return int(addr[idx]) | (va & ((1 << shift) - 1))
+            if not is_table[idx]:
                 break
-            table = int(addr[0])
+            table = int(addr[idx])
         raise GuestMemoryError(f"virtual address {va:#x} is not mapped")
 
     def kernel_top_entries(self) -> list[int]:

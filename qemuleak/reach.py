@@ -202,7 +202,7 @@ class _Cluster:
             record = self.granule.take((entry >> 4) + index)
             offset -= index << shift                   # from the granule's start
             later = offset >= (record >> 12 & 0xFFF)   # at or past the start in it
-            inside = offset < np.where(later, record >> 24 & 0xFFF, record & 0xFFF)
+            inside = offset < (np.where(later, record >> 24, record) & 0xFFF)
             if self.search:
                 inside &= shift != _SEARCH
             hit = inside.nonzero()[0]
@@ -483,8 +483,14 @@ def _edges(matcher: Matcher, ram64: np.ndarray, part: Segments, untag) -> tuple[
         run_last = last[np.append(np.flatnonzero(new)[1:] - 1, len(first) - 1)]
         for words, where in _runs(ram64, run_first, run_last):
             pos, obj = matcher.match(untag(words))
-            at = where + pos if isinstance(where, int) else where.take(pos)
-            seg = np.searchsorted(first, at, "right") - 1
+            if isinstance(where, int):       # search only the segments in the slice
+                at = where + pos
+                lo = max(int(np.searchsorted(first, where, "right")) - 1, 0)
+                hi = int(np.searchsorted(first, where + len(words), "left"))
+                seg = np.searchsorted(first[lo:hi], at, "right") + (lo - 1)
+            else:
+                at = where.take(pos)
+                seg = np.searchsorted(first, at, "right") - 1
             o = owner.take(seg)
             keep = ((at < last.take(seg)) & (obj != o)).nonzero()[0]
             src.append(o.take(keep))

@@ -31,6 +31,13 @@ class RamCopy(PhysMemory):
     def _read_block(self, offset: int, size: int) -> bytes:
         return self.data[offset:offset + size].tobytes()
 
+    def view(self, gpa: int, size: int) -> np.ndarray | None:
+        """The copy of [gpa, gpa + size) itself, if it lies in one RAM range."""
+        for r in self.ranges:
+            if r.gpa <= gpa and gpa + size <= r.end:
+                return self.data[r.offset + gpa - r.gpa:r.offset + gpa - r.gpa + size]
+        return None
+
     def offsets(self, gpas: np.ndarray) -> np.ndarray:
         """Offsets in `data` of guest-physical addresses (all must be RAM)."""
         starts = np.array([r.gpa for r in self.ranges], np.uint64)

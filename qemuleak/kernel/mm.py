@@ -26,9 +26,9 @@ class Pages:
         self.ranges = ranges
         self.size = t.sizeof("struct page")
         self.base = vmemmap(kernel)
-        self.raw = [np.frombuffer(kernel.read(self.base + (r.gpa // PAGE) * self.size,
-                                              r.size // PAGE * self.size), np.uint8)
-                    .reshape(-1, self.size) for r in ranges]
+        self.raw = [kernel.guest.array(self.base + (r.gpa // PAGE) * self.size,
+                                       r.size // PAGE * self.size).reshape(-1, self.size)
+                    for r in ranges]
         self.ref_offset = t.offsetof("struct page", "_refcount")
         self.head_offset = t.offsetof("struct page", "compound_head") \
             if t.has_member("struct page", "compound_head") else None
