@@ -139,3 +139,29 @@ def test_property_to_ram(flavor, data):
     ram = RamCopy(np.zeros(16 * MiB, np.uint8), RANGES)
     got = triples(to_ram(Kernel(tables), ram, owner, va, length))
     assert got == expected(tables, ram, owner, va, length)
+
+
+@pytest.mark.parametrize("flavor", [X4, A48], ids=lambda f: f.name)
+def test_guest_array_views_one_piece_and_reads_the_rest(flavor):
+    """Guest.array: a view of the RAM copy for one mapped piece in one RAM range,
+    else the bytes `read` gives (pages scattered, or across RAM ranges)."""
+    from qemuleak.errors import GuestMemoryError
+    from qemuleak.guest import Guest
+    base = BASES[flavor.name]
+    b = layout(flavor, base)
+    data = np.arange(16 * MiB, dtype=np.uint32).view(np.uint8).copy()[:16 * MiB]
+    ram = RamCopy(data, RANGES)
+    guest = Guest(None, None, [], "ram", RANGES, False)
+    guest.mem = ram
+    guest._tables = b.walker()                  # its tables live in the builder's memory
+    one = guest.array(base + 0x1000, 0x3000)                      # inside the 2 MiB block
+    assert one.base is not None and np.shares_memory(one, data)
+    assert one.tobytes() == ram.read(0x20_1000, 0x3000)
+    scattered = guest.array(base + 4 * MiB, 2 * PAGE)              # two pages far apart
+    assert not np.shares_memory(scattered, data)
+    assert scattered.tobytes() == ram.read(0x1000, PAGE) + ram.read(0x7000, PAGE)
+    assert ram.view(0x7F_F000, 2 * PAGE) is None                  # runs off range 0
+    long = guest.array(base + 2 * MiB, 40 * PAGE)                  # a long read, by mapping
+    assert long.tobytes() == ram.read(0x40_0000, 40 * PAGE)
+    with pytest.raises(GuestMemoryError):
+        guest.read(base + 4 * MiB + 4 * PAGE, 0x20000)             # not RAM inside
