@@ -55,6 +55,7 @@ class PageTables:
         self.fmt = fmt
         self._tables: dict[int, np.ndarray] = {}
         self._decodes: dict[tuple[int, int], tuple] = {}
+        self._pages: dict[int, int] = {}          # va >> 12 -> pa of that page
         # Leaves walked so far, by (shift, va >> shift): the direct map's 1 GiB and
         # 2 MiB pages make most later translations one dictionary lookup.
         self._leaves: dict[tuple[int, int], int] = {}
@@ -65,6 +66,7 @@ class PageTables:
         self._tables.clear()
         self._decodes.clear()
         self._leaves.clear()
+        self._pages.clear()
 
     def _table(self, pa: int) -> np.ndarray:
         t = self._tables.get(pa)
@@ -94,17 +96,24 @@ class PageTables:
         if not ok:
             raise GuestMemoryError(f"virtual address {va:#x} is not mapped (outside the "
                                    f"{'kernel' if self.fmt.kernel_only else 'canonical'} range)")
+        page = self._pages.get(va >> 12)          # the fastest path: this page before
+        if page is not None:
+            return page | (va & 0xFFF)
         for shift in self._leaf_shifts:
             base = self._leaves.get((shift, va >> shift))
             if base is not None:
-                return base | (va & ((1 << shift) - 1))
+                pa = base | (va & ((1 << shift) - 1))
+                self._pages[va >> 12] = pa & ~0xFFF
+                return pa
         table = self.root
         for shift in self.fmt.shifts:
             idx = (self._index_bits(va) >> shift) & 0x1FF
             is_table, is_leaf, addr = self._decoded(table, shift)
             if is_leaf[idx]:
                 self._leaves[(shift, va >> shift)] = int(addr[idx])
-                return int(addr[idx]) | (va & ((1 << shift) - 1))
+                pa = int(addr[idx]) | (va & ((1 << shift) - 1))
+                self._pages[va >> 12] = pa & ~0xFFF
+                return pa
             if not is_table[idx]:
                 break
             table = int(addr[idx])

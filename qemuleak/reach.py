@@ -564,6 +564,7 @@ def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
     min_count = np.asarray(min_count, np.int64)
     gray = (min_count == 0) | (counts >= min_count) & (min_count > 0)
     frontier = np.flatnonzero(gray)
+    slot = np.zeros(n, np.int64)                 # scratch: finds repeats in a wave
     waves = 0
     while len(frontier):
         waves += 1
@@ -576,10 +577,13 @@ def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
             counts += times
             hit = np.flatnonzero(times)
         else:
-            hit, times = np.unique(hit, return_counts=True)
-            counts[hit] += times
+            np.add.at(counts, hit, 1)
         mc = min_count.take(hit)
         frontier = hit[~gray.take(hit) & (counts.take(hit) >= mc) & (mc > 0)]
+        # once each (without sorting): the last of equal entries wins the slot
+        order = np.arange(len(frontier))
+        slot[frontier] = order
+        frontier = frontier[slot.take(frontier) == order]
         gray[frontier] = True
     scanned += int(words[gray].sum()) * 8
     return Result(counts, gray, scanned, waves, src, dst)

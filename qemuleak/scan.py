@@ -54,6 +54,9 @@ class Options:
     all_objects: bool = False        # report unreferenced objects from before tracing too
 
 
+STATES = ("direct leak", "indirect leak", "referenced", "unreferenced, untracked")
+
+
 @dataclass
 class Result:
     """One scan: every unreferenced object, in allocation order."""
@@ -68,7 +71,7 @@ class Result:
     # per object, in address order: for `dump`
     addresses: np.ndarray = field(repr=False, default=None)
     counts: np.ndarray = field(repr=False, default=None)
-    states: list = field(repr=False, default=None)
+    states: np.ndarray = field(repr=False, default=None)   # index into STATES, per object
     contents: Segments = field(repr=False, default=None)
     roots: Segments = field(repr=False, default=None)
     ram: RamCopy = field(repr=False, default=None)       # valid until the next freeze
@@ -84,7 +87,7 @@ class Result:
         object starting at `address` in this scan."""
         i = int(np.searchsorted(self.addresses, np.uint64(address)))
         if i < len(self.addresses) and int(self.addresses[i]) == address:
-            return self.states[i], int(self.counts[i])
+            return STATES[self.states[i]], int(self.counts[i])
         return None
 
     def why(self, address: int) -> list[str]:
@@ -103,7 +106,7 @@ class Result:
                 out.append(f"{self._root_name(at)}, word at guest physical "
                            f"{int(self.ram.gpas([at])[0]):#x}")
             elif owner != i:
-                out.append(f"{self.states[owner]} object {int(self.addresses[owner]):#x} "
+                out.append(f"{STATES[self.states[owner]]} object {int(self.addresses[owner]):#x} "
                            f"(word at guest physical {int(self.ram.gpas([at])[0]):#x})")
         return out
 
@@ -521,12 +524,13 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
     white = ~result.gray & reportable
     src, dst = reach.leak_edges(ram.data, addresses, ends, contents, white, untag, result)
     direct = reach.classify(white, src, dst, seqs)
-    states = np.where(white, np.where(direct, "direct leak", "indirect leak"),
-                      np.where(tracked | result.gray, "referenced", "unreferenced, untracked"))
-    order = np.argsort(contents.owner, kind="stable")       # each leak's first bytes
-    owners, at = np.unique(contents.owner[order], return_index=True)
-    keep = white[owners]
-    first = dict(zip(owners[keep].tolist(), contents.offset[order][at[keep]].tolist()))
+    states = np.where(white, np.where(direct, 0, 1),
+                      np.where(tracked | result.gray, 2, 3)).astype(np.int8)
+    # each leak's first bytes: its first segment
+    mine = np.flatnonzero(white[contents.owner]) if len(contents) else np.zeros(0, np.int64)
+    first = {}
+    for o, off in zip(contents.owner[mine].tolist(), contents.offset[mine].tolist()):
+        first.setdefault(o, off)
     leaks = []
     for i in np.flatnonzero(white)[np.argsort(seqs[white], kind="stable")].tolist():
         kind = "direct" if direct[i] else "indirect"
@@ -543,7 +547,7 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
                           r.kind.name.lower(), r.cache))
     return Result(leaks, len(addresses), result.bytes_scanned, snapshot.time, snapshot.paused_s,
                   time.perf_counter() - started, result.waves, addresses, result.counts,
-                  states.tolist(), contents, roots, ram, registers, untag, ends, named,
+                  states, contents, roots, ram, registers, untag, ends, named,
                   [w for _, _, w in spans], _symbolic(kernel, spans, symbolizer))
 
 
