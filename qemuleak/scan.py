@@ -81,6 +81,9 @@ class Result:
     _named: Segments = field(repr=False, default=None)     # owner: index in _names
     _names: list = field(repr=False, default=None)
     _where: list = field(repr=False, default=None)         # per name: address -> text
+    # seconds per step: "kernel" (walking the kernel's structures and inventories
+    # in the copy), "reach" (the reachability scan), "report" (leaks and their records)
+    steps_s: dict = field(default_factory=dict)
 
     def state_of(self, address: int) -> tuple[str, int] | None:
         """("direct leak" | "indirect leak" | "referenced", references found) of the
@@ -510,6 +513,7 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
         ticks = hz(kernel)
         symbolizer = symbolizer or Symbolizer(kernel)
         symbolizer.refresh()
+    walked = time.perf_counter()
     _zero(ram, cleaned)
     _zero(ram, stale)
     registers = np.array([v & (2**64 - 1) for regs in snapshot.registers for v in regs.values()]
@@ -519,6 +523,7 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
     untag = guest.arch.untag_words
     result = reach.reachability(ram.data, addresses, ends, min_count, contents, roots,
                                 registers, untag, scan_ok)
+    reached = time.perf_counter()
     reportable = ((flags & int(Flags.NOT_LEAK | Flags.IGNORE)) == 0) & \
         (tracked | options.all_objects)
     white = ~result.gray & reportable
@@ -545,10 +550,12 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
         leaks.append(Leak(r.address, r.size, r.comm, r.pid, r.cpu, r.jiffies, age, kind,
                           frames(symbolizer, r.backtrace), hexdump, r.seq,
                           r.kind.name.lower(), r.cache))
+    done = time.perf_counter()
     return Result(leaks, len(addresses), result.bytes_scanned, snapshot.time, snapshot.paused_s,
-                  time.perf_counter() - started, result.waves, addresses, result.counts,
+                  done - started, result.waves, addresses, result.counts,
                   states, contents, roots, ram, registers, untag, ends, named,
-                  [w for _, _, w in spans], _symbolic(kernel, spans, symbolizer))
+                  [w for _, _, w in spans], _symbolic(kernel, spans, symbolizer),
+                  {"kernel": walked - started, "reach": reached - walked, "report": done - reached})
 
 
 def _symbolic(kernel, spans, symbolizer: Symbolizer) -> list:
