@@ -2,7 +2,7 @@
 """Scanner cost per guest size: how long the guest stands still for a snapshot,
 how fast its RAM is copied, and how fast the copy is scanned after it resumed.
 
-    .venv/bin/python tools/bench_scan.py [--arch x86_64] [--memory 512 2048]
+    .venv/bin/python tools/bench_scan.py [--arch x86_64] [--memory 512 2048] [--save DIR]
                                          [--scans 3] [--trace-seconds 5]
 
 For each --memory size, boots the test guest (2 vCPUs, TCG, shared-RAM memfd) with
@@ -36,6 +36,7 @@ from qemuleak.kernel.modules import Symbolizer  # noqa: E402
 from qemuleak.objects import ObjectTable  # noqa: E402
 from qemuleak.scan import Options, scan  # noqa: E402
 from tools.busy_guest import busy_guest  # noqa: E402
+from tools.replay_scan import save  # noqa: E402
 from qemuleak.snapshot import freeze  # noqa: E402
 from qemuleak.session import unwinding  # noqa: E402
 from qemuleak.tracer import Tracer, tracing  # noqa: E402
@@ -84,7 +85,7 @@ def one_scan(kernel, table, guest, symbolizer, tracer, options: Options) -> Run:
 
 
 def bench_size(image, arch: str, memory_mib: int, scans: int, trace_seconds: float,
-               tmp: Path) -> SizeResult:
+               tmp: Path, save_to: Path | None = None) -> SizeResult:
     with busy_guest(image, arch, memory_mib, tmp) as vm:
         with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
             kernel = Kernel.open(guest, system_map=image.system_map)
@@ -104,6 +105,9 @@ def bench_size(image, arch: str, memory_mib: int, scans: int, trace_seconds: flo
                     for _ in range(scans)]
             ignore = one_scan(kernel, table, guest, symbolizer, tracer,
                               Options(untracked="ignore"))
+            if save_to is not None:            # for tools/replay_scan.py
+                save(save_to / f"{arch}-{memory_mib}", guest, freeze(guest), table,
+                     tracer.freed, image.system_map)
             return SizeResult(memory_mib, guest.ram_size(), guest.mem.name, traced_s,
                               tracer.stats.allocs, tracer.stats.frees, len(tracer.freed),
                               runs, ignore, os.getloadavg())
@@ -163,6 +167,8 @@ def main() -> int:
                     help="guest RAM sizes in MiB, one guest each")
     ap.add_argument("--scans", type=int, default=3, help="untracked=roots scans per size")
     ap.add_argument("--trace-seconds", type=float, default=5.0)
+    ap.add_argument("--save", type=Path, metavar="DIR",
+                    help="also save a snapshot per size under DIR for tools/replay_scan.py")
     args = ap.parse_args()
     command = [os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd())
                else sys.executable, sys.argv[0], "--arch", args.arch,
@@ -176,7 +182,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for memory in args.memory:
             t = time.monotonic()
-            r = bench_size(image, args.arch, memory, args.scans, args.trace_seconds, Path(tmp))
+            r = bench_size(image, args.arch, memory, args.scans, args.trace_seconds, Path(tmp),
+                           args.save)
             report(r)
             print(f"  ({time.monotonic() - t:.0f} s for this size, boot included)", flush=True)
     print(f"\ntotal {time.monotonic() - wall:.0f} s")

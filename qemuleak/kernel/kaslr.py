@@ -100,12 +100,14 @@ def find_slide(guest, symbols: SymbolTable | None, info: VmcoreInfo | None = Non
     banner = symbols.get("linux_banner")
     if banner is None:
         raise SymbolError("the symbol table has no linux_banner", "is it a kernel's System.map?")
-    tried = []
-    if info is not None and info.kernel_offset is not None:
-        tried.append((info.kernel_offset, "vmcoreinfo"))
-    tried += _candidates(guest, symbols)
+
+    def tried():
+        # vmcoreinfo's offset first: the others cost gdbstub round trips
+        if info is not None and info.kernel_offset is not None:
+            yield info.kernel_offset, "vmcoreinfo"
+        yield from _candidates(guest, symbols)
     seen = set()
-    for slide, method in tried:
+    for slide, method in tried():
         if slide in seen:
             continue
         seen.add(slide)
