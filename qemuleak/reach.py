@@ -18,6 +18,9 @@ Root segments are cut around object contents beforehand, reference counts are
 added up once per pass.
 """
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -233,7 +236,7 @@ class Matcher:
         # check (what lies between them, kernel text or vmemmap, is rare): [low,
         # high) and its clusters
         self.ranges: list[tuple[int, int, list[_Cluster]]] = []
-        self._buffers = np.empty(0, U64), np.empty(0, bool)     # scratch for match
+        self._scratch = threading.local()    # per thread: buffers for match
         n = len(self.starts)
         if not n:
             return
@@ -269,10 +272,11 @@ class Matcher:
         if self._bounds is None:
             # per object k + 1: its start, its end and the end of object k - 1;
             # row 0 is "no object", so k needs no bounds check (a row: one cache miss)
-            self._bounds = np.zeros((len(self.starts) + 1, 3), U64)
-            self._bounds[1:, 0] = self.starts
-            self._bounds[1:, 1] = self.ends
-            self._bounds[1:, 2] = self._bounds[:-1, 1]
+            bounds = np.zeros((len(self.starts) + 1, 3), U64)
+            bounds[1:, 0] = self.starts
+            bounds[1:, 1] = self.ends
+            bounds[1:, 2] = bounds[:-1, 1]
+            self._bounds = bounds           # whole, for threads that look meanwhile
         row = self._bounds.take(k, axis=0)
         back = row[:, 0] > w                      # counted one too many
         hit = (w < np.where(back, row[:, 2], row[:, 1])).nonzero()[0]
@@ -284,9 +288,10 @@ class Matcher:
             z = np.zeros(0, np.int64)
             return z, z.copy()
         n = len(words)
-        if len(self._buffers[0]) < n:
-            self._buffers = np.empty(n, U64), np.empty(n, bool)
-        diff, mask = self._buffers[0][:n], self._buffers[1][:n]
+        buffers = getattr(self._scratch, "buffers", None)
+        if buffers is None or len(buffers[0]) < n:
+            buffers = self._scratch.buffers = np.empty(n, U64), np.empty(n, bool)
+        diff, mask = buffers[0][:n], buffers[1][:n]
         found_pos, found_obj = [], []
         for low, span, clusters in self._checks:
             np.subtract(words, low, out=diff)
@@ -455,7 +460,24 @@ def _references(matcher: Matcher, ram64: np.ndarray, first: np.ndarray, last: np
 
 def _edges(matcher: Matcher, ram64: np.ndarray, part: Segments, untag) -> tuple[np.ndarray, np.ndarray]:
     """(source, target) of every word in `part`'s segments pointing into another
-    object, sorted by source.
+    object, sorted by source."""
+    return _sorted_edges([job() for job in _edge_jobs(matcher, ram64, part, untag, 1)])
+
+
+def _sorted_edges(found: list[tuple[list, list]]) -> tuple[np.ndarray, np.ndarray]:
+    src = [a for s_, _ in found for a in s_]
+    dst = [a for _, d in found for a in d]
+    if not src:
+        z = np.zeros(0, np.int64)
+        return z, z.copy()
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    order = np.argsort(src, kind="stable")       # nearly sorted already: cheap
+    return src.take(order), dst.take(order)
+
+
+def _edge_jobs(matcher: Matcher, ram64: np.ndarray, part: Segments, untag, parts: int) -> list:
+    """Functions that together find every edge of `_edges`, each returning (source
+    arrays, target arrays), about `parts` of them with equal shares of the words.
 
     Objects lie close together (a slab's objects are adjacent), so the segments
     are scanned as a few long runs of RAM, gaps included, and each hit is given to
@@ -471,36 +493,70 @@ def _edges(matcher: Matcher, ram64: np.ndarray, part: Segments, untag) -> tuple[
     alone = np.zeros(len(first), bool)
     alone[1:] = first[1:] < top[:-1]               # starts inside an earlier one
     alone[:-1] |= first[1:] < last[:-1]            # a later one starts inside it
-    src, dst = [], []
-    for o, obj in _references(matcher, ram64, first[alone], last[alone], owner[alone], untag):
-        src.append(np.full(len(obj), o, np.int64) if isinstance(o, int) else o)
-        dst.append(obj)
+    jobs = []
+    if alone.any():
+        args = (matcher, ram64, first[alone], last[alone], owner[alone], untag)
+        jobs.append(lambda: _alone_edges(*args))
     first, last, owner = first[~alone], last[~alone], owner[~alone]
     if len(first):
         new = np.ones(len(first), bool)
         new[1:] = first[1:] - last[:-1] > _GAP_WORDS
         run_first = first[new]
         run_last = last[np.append(np.flatnonzero(new)[1:] - 1, len(first) - 1)]
-        for words, where in _runs(ram64, run_first, run_last):
-            pos, obj = matcher.match(untag(words))
-            if isinstance(where, int):       # search only the segments in the slice
-                at = where + pos
-                lo = max(int(np.searchsorted(first, where, "right")) - 1, 0)
-                hi = int(np.searchsorted(first, where + len(words), "left"))
-                seg = np.searchsorted(first[lo:hi], at, "right") + (lo - 1)
-            else:
-                at = where.take(pos)
-                seg = np.searchsorted(first, at, "right") - 1
-            o = owner.take(seg)
-            keep = ((at < last.take(seg)) & (obj != o)).nonzero()[0]
-            src.append(o.take(keep))
-            dst.append(obj.take(keep))
-    if not src:
-        z = np.zeros(0, np.int64)
-        return z, z.copy()
-    src, dst = np.concatenate(src), np.concatenate(dst)
-    order = np.argsort(src, kind="stable")       # nearly sorted already: cheap
-    return src.take(order), dst.take(order)
+        for rf, rl in _shares(run_first, run_last, parts):
+            jobs.append(lambda rf=rf, rl=rl: _run_edges(matcher, ram64, rf, rl, first, last,
+                                                        owner, untag))
+    return jobs
+
+
+def _shares(first: np.ndarray, last: np.ndarray, parts: int) -> list:
+    """Word ranges [first, last) cut into at most `parts` pieces with about equal
+    numbers of words, as (first, last) arrays each; a range may be split."""
+    count = np.maximum(last - first, 0)
+    total = int(count.sum())
+    if parts <= 1 or total < parts:
+        return [(first, last)] if total else []
+    out, cum = [], np.cumsum(count)
+    for k in range(parts):
+        lo, hi = total * k // parts, total * (k + 1) // parts   # words of this share
+        a = int(np.searchsorted(cum, lo, "right"))
+        b = min(int(np.searchsorted(cum, hi, "left")) + 1, len(first))
+        f, l_ = first[a:b].copy(), last[a:b].copy()
+        f[0] += lo - (int(cum[a - 1]) if a else 0)
+        l_[-1] -= int(cum[b - 1]) - hi
+        keep = l_ > f
+        if keep.any():
+            out.append((f[keep], l_[keep]))
+    return out
+
+
+def _alone_edges(matcher, ram64, first, last, owner, untag) -> tuple[list, list]:
+    src, dst = [], []
+    for o, obj in _references(matcher, ram64, first, last, owner, untag):
+        src.append(np.full(len(obj), o, np.int64) if isinstance(o, int) else o)
+        dst.append(obj)
+    return src, dst
+
+
+def _run_edges(matcher, ram64, run_first, run_last, first, last, owner, untag) -> tuple[list, list]:
+    """The edges from the words of runs [run_first, run_last) of RAM words, each
+    hit placed in its segment of [first, last) (sorted), owned by `owner`."""
+    src, dst = [], []
+    for words, where in _runs(ram64, run_first, run_last):
+        pos, obj = matcher.match(untag(words))
+        if isinstance(where, int):       # search only the segments in the slice
+            at = where + pos
+            lo = max(int(np.searchsorted(first, where, "right")) - 1, 0)
+            hi = int(np.searchsorted(first, where + len(words), "left"))
+            seg = np.searchsorted(first[lo:hi], at, "right") + (lo - 1)
+        else:
+            at = where.take(pos)
+            seg = np.searchsorted(first, at, "right") - 1
+        o = owner.take(seg)
+        keep = ((at < last.take(seg)) & (obj != o)).nonzero()[0]
+        src.append(o.take(keep))
+        dst.append(obj.take(keep))
+    return src, dst
 
 
 def _runs(ram64: np.ndarray, first: np.ndarray, last: np.ndarray):
@@ -520,6 +576,17 @@ def _runs(ram64: np.ndarray, first: np.ndarray, last: np.ndarray):
         index = np.repeat(first.take(sel) - (np.cumsum(n) - n), n)
         index += np.arange(len(index))
         yield ram64.take(index), index
+
+
+THREADS = min(len(os.sched_getaffinity(0)), 4)      # host CPUs the scan may use
+
+
+def _in_threads(jobs: list) -> list:
+    """Each job's result, the jobs run on up to THREADS threads."""
+    if THREADS <= 1 or len(jobs) <= 1:
+        return [job() for job in jobs]
+    with ThreadPoolExecutor(THREADS) as pool:
+        return list(pool.map(lambda job: job(), jobs))
 
 
 def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
@@ -547,14 +614,20 @@ def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
     # Words that belong to an object are not roots: leave them out of the ranges
     # (still counted as scanned).
     first, last = _minus(first, last, contents)
-    hits = [matcher.match(untag(words))[1] for words, _ in _chunks(ram64, first, last, None)]
+    scan_ok = np.ones(n, bool) if scan_contents is None else np.asarray(scan_contents, bool)
+    part = contents.select(scan_ok[contents.owner])
+    # shares of the roots and of the objects matched side by side (numpy lets go
+    # of the interpreter lock while it works); small shares even the threads out
+    roots_jobs = [lambda f=f, l_=l_: [matcher.match(untag(words))[1]
+                                      for words, _ in _chunks(ram64, f, l_, None)]
+                  for f, l_ in _shares(first, last, THREADS)]
+    edge_jobs = _edge_jobs(matcher, ram64, part, untag, 2 * THREADS)
+    done = _in_threads(roots_jobs + edge_jobs)
+    hits = [h for found in done[:len(roots_jobs)] for h in found]
+    src, dst = _sorted_edges(done[len(roots_jobs):])
     if len(root_words):
         hits.append(matcher.match(untag(np.asarray(root_words, U64)))[1])
     counts = np.bincount(np.concatenate(hits), minlength=n) if hits else np.zeros(n, np.int64)
-
-    scan_ok = np.ones(n, bool) if scan_contents is None else np.asarray(scan_contents, bool)
-    part = contents.select(scan_ok[contents.owner])
-    src, dst = _edges(matcher, ram64, part, untag)
     first, last = _word_range(part)
     words = np.bincount(part.owner, np.maximum(last - first, 0), minlength=n)
     index = np.arange(n)
