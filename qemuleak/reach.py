@@ -542,16 +542,18 @@ def _run_edges(matcher, ram64, run_first, run_last, first, last, owner, untag) -
     """The edges from the words of runs [run_first, run_last) of RAM words, each
     hit placed in its segment of [first, last) (sorted), owned by `owner`."""
     src, dst = [], []
-    for words, where in _runs(ram64, run_first, run_last):
+    for words, starts, firsts in _runs(ram64, run_first, run_last):
         pos, obj = matcher.match(untag(words))
-        if isinstance(where, int):       # search only the segments in the slice
-            at = where + pos
-            lo = max(int(np.searchsorted(first, where, "right")) - 1, 0)
-            hi = int(np.searchsorted(first, where + len(words), "left"))
-            seg = np.searchsorted(first[lo:hi], at, "right") + (lo - 1)
+        if len(starts) == 1:
+            at = pos + firsts[0]
         else:
-            at = where.take(pos)
-            seg = np.searchsorted(first, at, "right") - 1
+            k = np.searchsorted(starts, pos, "right") - 1
+            at = pos - starts.take(k) + firsts.take(k)
+        # place the hits among the segments of this stretch of RAM only: it starts
+        # where a run does, so in or after segment `lo`
+        lo = int(np.searchsorted(first, firsts[0], "right")) - 1
+        hi = int(np.searchsorted(first, firsts[-1] + len(words) - starts[-1], "left"))
+        seg = np.searchsorted(first[lo:hi], at, "right") + (lo - 1)
         o = owner.take(seg)
         keep = ((at < last.take(seg)) & (obj != o)).nonzero()[0]
         src.append(o.take(keep))
@@ -560,22 +562,29 @@ def _run_edges(matcher, ram64, run_first, run_last, first, last, owner, untag) -
 
 
 def _runs(ram64: np.ndarray, first: np.ndarray, last: np.ndarray):
-    """Yield (words, where) for the words [first, last) of each range, in chunks of
-    about _CHUNK_WORDS: `where` is the first word's index (an int) for a slice of
-    RAM, else the index of each word, for short ranges packed together."""
-    count = last - first
-    long = count >= _COPY_WORDS
-    for lo, hi in zip(first[long].tolist(), last[long].tolist()):
+    """Yield (words, starts, firsts) for the words [first, last) of the ranges, in
+    order, in chunks of at most _CHUNK_WORDS: each chunk is one slice of RAM or
+    several joined (a match call costs more than copying a few thousand words);
+    its piece i starts at `starts[i]` in `words` and is RAM word `firsts[i]` on."""
+    pieces, size = [], 0
+    for lo, hi in zip(first.tolist(), last.tolist()):
         for a in range(lo, hi, _CHUNK_WORDS):
-            yield ram64[a:min(a + _CHUNK_WORDS, hi)], a
-    short = np.flatnonzero(~long)
-    step = max(_CHUNK_WORDS // _COPY_WORDS, 1)        # ranges per pack
-    for i in range(0, len(short), step):
-        sel = short[i:i + step]
-        n = count.take(sel)
-        index = np.repeat(first.take(sel) - (np.cumsum(n) - n), n)
-        index += np.arange(len(index))
-        yield ram64.take(index), index
+            b = min(a + _CHUNK_WORDS, hi)
+            if size + b - a > _CHUNK_WORDS and pieces:
+                yield _joined(ram64, pieces)
+                pieces, size = [], 0
+            pieces.append((a, b))
+            size += b - a
+    if pieces:
+        yield _joined(ram64, pieces)
+
+
+def _joined(ram64: np.ndarray, pieces: list[tuple[int, int]]):
+    firsts = np.array([a for a, _ in pieces], np.int64)
+    counts = np.array([b - a for a, b in pieces], np.int64)
+    words = ram64[pieces[0][0]:pieces[0][1]] if len(pieces) == 1 else \
+        np.concatenate([ram64[a:b] for a, b in pieces])
+    return words, np.cumsum(counts) - counts, firsts
 
 
 THREADS = min(len(os.sched_getaffinity(0)), 4)      # host CPUs the scan may use
