@@ -587,7 +587,9 @@ def _joined(ram64: np.ndarray, pieces: list[tuple[int, int]]):
     return words, np.cumsum(counts) - counts, firsts
 
 
-THREADS = min(len(os.sched_getaffinity(0)), 4)      # host CPUs the scan may use
+# Threads for the scan: half the host's CPUs (QEMU runs a thread per vCPU beside
+# it; on 2 CPUs with a busy guest a second thread made scans slower and erratic), 4 at most.
+THREADS = max(1, min(len(os.sched_getaffinity(0)) // 2, 4))
 
 
 def _in_threads(jobs: list) -> list:

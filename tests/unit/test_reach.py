@@ -509,6 +509,38 @@ def test_chunked_scan_matches_unchunked(seed, copy_words, chunk_words):
         assert (got.waves, got.bytes_scanned) == (want.waves, want.bytes_scanned)
 
 
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_give_the_same_scan(seed, threads):
+    """Roots and objects matched in shares on several threads (small chunks, so
+    that each share has many): the same counts, gray set, waves and edges."""
+    h = random_heap(seed)
+    min_count = np.random.default_rng(seed).integers(0, 3, len(h))
+    for roots in (h.roots(), h.whole_ram()):
+        kw = dict(min_count=min_count, roots=roots, root_words=u64(h.addr(5)))
+        with constants(THREADS=1, _COPY_WORDS=4, _CHUNK_WORDS=7):
+            want = h.scan(**kw)
+        with constants(THREADS=threads, _COPY_WORDS=4, _CHUNK_WORDS=7):
+            got = h.scan(**kw)
+        assert np.array_equal(got.counts, want.counts)
+        assert np.array_equal(got.gray, want.gray)
+        assert (got.waves, got.bytes_scanned) == (want.waves, want.bytes_scanned)
+        assert np.array_equal(got.src, want.src) and np.array_equal(got.dst, want.dst)
+
+
+def test_shares_cover_every_word_once():
+    first, last = np.array([0, 10, 40, 41], np.int64), np.array([7, 30, 41, 60], np.int64)
+    want = [w for f, l_ in zip(first, last) for w in range(f, l_)]
+    for parts in range(1, 9):
+        shares = reach._shares(first, last, parts)
+        assert len(shares) <= parts
+        got = [w for f, l_ in shares for a, b in zip(f, l_) for w in range(a, b)]
+        assert got == want
+        sizes = [int((l_ - f).sum()) for f, l_ in shares]
+        assert max(sizes) - min(sizes) <= 1          # equal shares
+    assert reach._shares(first[:0], last[:0], 3) == []
+
+
 def test_conservative_root_exclusion_works_on_big_root_segments():
     h = Heap(32, 32, 32, 32)
     h.link(0, 1)
