@@ -13,13 +13,13 @@ reused) ends that chain and names the cache in `Inventory.broken`: its remaining
 free objects then count as allocated, which can hide a leak but never invents one.
 """
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from ..errors import QemuleakError
 from . import mm, percpu
+from .lists import list_nodes
 
 U64 = np.uint64
 SLAB_STORE_USER = 0x00010000
@@ -82,21 +82,6 @@ class _Memory:
         return _word(self.read(va, 8))
 
 
-def _list(head: int, next_of: Callable[[int], int], limit: int) -> Iterator[int]:
-    """The nodes of the list at `head` as lists.list_nodes yields them, each node's
-    (and the head's) next pointer given by `next_of`."""
-    node = next_of(head)
-    seen = 0
-    while node != head:
-        if seen >= limit or node == 0:
-            raise QemuleakError(f"the kernel list at {head:#x} does not come back to its head "
-                                f"({'a NULL link' if node == 0 else f'over {limit} nodes'})",
-                                "the guest may have been stopped mid-update: try again")
-        yield node
-        node = next_of(node)
-        seen += 1
-
-
 def caches(kernel, memory: _Memory | None = None) -> list[Cache]:
     """Every cache on the `slab_caches` list (read through `memory` when given)."""
     t = kernel.types
@@ -116,7 +101,7 @@ def caches(kernel, memory: _Memory | None = None) -> list[Cache]:
     ends += [random + 8] if random is not None else []
     ends += [red + 4] if red is not None else []
     out = []
-    for node in _list(head, memory.u64, limit=1 << 16):
+    for node in list_nodes(kernel, head, 1 << 16, memory.u64):
         s = node - off["list"]
         raw = memory.read(s, max(ends))             # from its start to its last field used
         name = memory.read(_word(raw, off["name"]), 64).split(b"\0", 1)[0]
@@ -374,7 +359,7 @@ def _partial_free(kernel, memory: _Memory, cache_list: list[Cache], slabs: Slabs
     out = np.zeros(len(cache_list), np.int64)
     for i, cache in enumerate(cache_list):
         for node in cache.nodes:
-            out[i] += sum(free.get(e, 0) for e in _list(node + partial, next_of, 1 << 20))
+            out[i] += sum(free.get(e, 0) for e in list_nodes(kernel, node + partial, 1 << 20, next_of))
     return out
 
 
