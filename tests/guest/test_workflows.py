@@ -68,7 +68,7 @@ def test_run_leaky_sarif_with_suppressions(tmp_path):
     assert where["artifactLocation"]["uri"].endswith("/leaky.c"), where
     assert where["region"]["startLine"] == line, where
     # exit_leak is made by module exit (rmmod): reported by the final scan, unless a
-    # stale word hides it (kmemleak's blind spot; seen in 2 of 3 full-suite runs,
+    # stale word hides it (kmemleak's blind spot; seen in two full-suite runs,
     # never alone). The CLI cannot say why; test_scan.py's test_exit_leak_after_rmmod
     # checks the same leak in process, where only a stale word may hide it.
     if f"{objs['exit_leak'].address:#x}" not in addresses:
