@@ -14,8 +14,9 @@ when, and if, their object turns gray), and a word never references its own obje
 Speed (a scan is mostly memory traffic): words are taken in chunks that fit in the
 caches; per chunk, a range check or two keep the few words that may point into an
 object, and per-page tables (Matcher) find their objects without binary search.
-Root segments are cut around object contents beforehand, reference counts are
-added up once per pass.
+Root segments are cut around object contents beforehand. All objects' words are
+matched in one pass, over long runs of RAM rather than object by object, into a
+graph of references; the waves follow the graph instead of reading RAM again.
 """
 
 import os

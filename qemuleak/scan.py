@@ -532,7 +532,7 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
     states = np.where(white, np.where(direct, 0, 1),
                       np.where(tracked | result.gray, 2, 3)).astype(np.int8)
     # each leak's first bytes: its first segment
-    mine = np.flatnonzero(white[contents.owner]) if len(contents) else np.zeros(0, np.int64)
+    mine = np.flatnonzero(white[contents.owner])
     first = {}
     for o, off in zip(contents.owner[mine].tolist(), contents.offset[mine].tolist()):
         first.setdefault(o, off)

@@ -32,10 +32,8 @@ class RamCopy(PhysMemory):
         return self.data[offset:offset + size].tobytes()
 
     def read(self, gpa: int, size: int) -> bytes:
-        r = self.ranges[0]                      # most reads: the first range
-        if r.gpa <= gpa and gpa + size <= r.gpa + r.size:
-            return self.data[r.offset + gpa - r.gpa:r.offset + gpa - r.gpa + size].tobytes()
-        return super().read(gpa, size)
+        inside = self.view(gpa, size)           # most reads: within one range
+        return inside.tobytes() if inside is not None else super().read(gpa, size)
 
     def view(self, gpa: int, size: int) -> np.ndarray | None:
         """The copy of [gpa, gpa + size) itself, if it lies in one RAM range."""

@@ -155,14 +155,6 @@ def _bits(words: np.ndarray, where: tuple[int, int], base_bit: int) -> np.ndarra
     return ((words >> U64(bit - base_bit)) & U64((1 << width) - 1)).astype(np.int64)
 
 
-def _column(pages: mm.Pages, raw: np.ndarray, off: int) -> np.ndarray:
-    """The u64 at byte `off` of each struct page in `raw`: a strided view when it
-    is aligned (6x faster than copying the column out)."""
-    if off % 8 or raw.shape[1] % 8 or not raw.flags.c_contiguous:
-        return pages.field(raw, off, "<u8")
-    return raw.view("<u8")[:, off // 8]
-
-
 def _slabs(kernel, pages: mm.Pages, cache_list: list[Cache], linear: int) -> tuple[Slabs, list]:
     """Every slab page of a known cache, from the struct pages."""
     t = kernel.types
@@ -175,7 +167,7 @@ def _slabs(kernel, pages: mm.Pages, cache_list: list[Cache], linear: int) -> tup
     order = np.array([index_of[int(a)] for a in known], np.int64)
     parts, masks = [], []
     for r, raw in zip(pages.ranges, pages.raw):
-        cache = _column(pages, raw, pages.cache_offset)
+        cache = pages.field(raw, pages.cache_offset, "<u8")
         # most pages hold no cache address: search only those that might
         maybe = np.flatnonzero((cache >= known[0]) & (cache <= known[-1]))
         k = np.searchsorted(known, cache[maybe])
