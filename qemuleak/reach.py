@@ -34,7 +34,8 @@ _CHUNK_WORDS = 1 << 18        # words compared per step: 2 MiB, temporaries stay
 _COPY_WORDS = 1 << 9          # shorter ranges are gathered word by word, longer copied
 _SLICE_WORDS = 1 << 16        # _words: segments at least this long are scanned in place
 _GAP_WORDS = 1 << 9          # _edges: objects this close are scanned as one run
-_SEARCH = 15                  # page code: objects too close together, binary search
+_SEARCH = 13                  # page code: objects too close together, binary search
+_FEW = 16                     # waves from this few objects go element by element
 
 
 @dataclass
@@ -79,21 +80,23 @@ class _Cluster:
     lookup of the object a word points into without binary search.
 
     Each page some object overlaps is cut into equal power-of-two granules, small
-    enough that at most one object starts in each. A granule then holds at most
-    two candidates: the last object starting before it, for the bytes before the
-    start of the one starting in it, and that one for the rest. Its 64-bit record
-    says which bytes of the granule each covers and which objects they are. A word
-    costs a random access to a byte-a-page table (most stop there: no object on the
-    page), then one to the page table, and one to the granule table."""
+    enough that at most one object starts in each. A granule's record names the
+    last object starting before it and where the one starting in it, if any,
+    starts: a word from there on can only be in that one, a word before it only in
+    the earlier one, and the object's end decides. A word costs a random access to
+    a byte-a-page table (most stop there: no object on the page), then one each to
+    the page table, the granule table and the objects' ends."""
 
     def __init__(self, m: "Matcher", a: int, b: int, base: int, span: int):
         self.low, self.high = base, base + span
         self.base, self.span = U64(base), U64(span)
         self.used = None      # bool per page, and False for any page beyond: any object
-        # per page: its first granule << 4 | log2 of its granule size (_SEARCH: binary
-        # search; -1: no object)
+        # int64 per page: an offset << 6 | its granules' log2 size, such that a word's
+        # granule is (word as int64 >> size) + offset (_SEARCH: binary search)
         self.page = None
-        self.granule = None   # int64: prev end | start << 12 | end << 24 | object << 36
+        # int64 per granule: (index + 1 of the last object starting before it) << 13
+        # | offset in the page of the object starting in it (4096: none)
+        self.granule = None
         self.search = False   # any _SEARCH page
         pages = (span + 0xFFF) >> 12
         if pages > _BITMAP_LIMIT:
@@ -111,81 +114,62 @@ class _Cluster:
         edges[reach[np.append(np.flatnonzero(new)[1:] - 1, len(page) - 1)] + 1] = -1
         touched = np.cumsum(edges[:-1], dtype=np.int8) > 0
         del edges
-        code = np.where(touched, np.int8(11), np.int8(-1))
-        if pages <= _TABLE_LIMIT and b < 2**28:         # 28 bits for objects in records
-            # granules of pages with object starts: the closest two starts'
-            # distance, rounded down to a power of two (2 KiB at most, so that
-            # offsets take 12 bits); pages that would need many more granules than
-            # they have objects (or hold equal starts) take the binary search
-            new = np.ones(len(page), bool)
-            new[1:] = page[1:] != page[:-1]
-            group = np.flatnonzero(new)
-            gap = np.full(len(page), 4096, np.int64)
-            gap[1:] = np.where(new[1:], 4096, np.diff(s.view(np.int64)))
-            gap = np.minimum.reduceat(gap, group)
-            count = np.diff(np.append(group, len(page)))
-            shift = np.minimum(np.floor(np.log2(np.maximum(gap, 1))), 11).astype(np.int64)
-            regular = (gap > 0) & ((4096 >> shift) <= 8 * count + 64)
-            code[page[group]] = np.where(regular, shift, _SEARCH)
-        else:
-            code[touched] = _SEARCH
+        self.used = np.append(touched, False)
+        if pages > _TABLE_LIMIT:                       # binary search only
+            self.search = True
+            return
+        # per page: log2 of its granule size (12: one granule), _SEARCH, or -1: no
+        # object. Pages with object starts: the closest two starts' distance,
+        # rounded down to a power of two; pages that would need many more granules
+        # than they have objects (or hold equal starts) take the binary search.
+        code = np.where(touched, 12, -1)
+        new = np.ones(len(page), bool)
+        new[1:] = page[1:] != page[:-1]
+        group = np.flatnonzero(new)
+        gap = np.full(len(page), 4096, np.int64)
+        gap[1:] = np.where(new[1:], 4096, np.diff(s.view(np.int64)))
+        gap = np.minimum.reduceat(gap, group)
+        count = np.diff(np.append(group, len(page)))
+        shift = np.minimum(np.floor(np.log2(np.maximum(gap, 1))), 12).astype(np.int64)
+        regular = (gap > 0) & ((4096 >> shift) <= 8 * count + 64)
+        code[page[group]] = np.where(regular, shift, _SEARCH)
         tabled = np.flatnonzero((code >= 0) & (code != _SEARCH))
         self.search = len(tabled) < int(touched.sum())
-        shift = code.take(tabled).astype(np.int64)
-        sizes = 4096 >> shift                          # granules per page
+        shift = code.take(tabled)
+        sizes = 1 << (12 - shift)                      # granules per page
         offsets = np.cumsum(sizes) - sizes
-        total = int(sizes.sum())                       # < 8 * 2**28 + 65 * pages
-        kind = np.int8 if not total else np.int32 if total < 2**27 else np.int64
-        self.page = code.astype(kind)
-        self.used = np.append(touched, False)
-        if not total:
-            return
-        self.page[tabled] |= offsets << 4
+        total = int(sizes.sum())                       # < 8 * objects + 65 * pages
+        # page entries: pages without granules read the spare last granule, which
+        # names no object (k = 0); a _SEARCH page's words are then redone
+        address = np.arange(pages, dtype=np.int64) << 12
+        address += base - (1 << 64) if base >> 63 else base        # as int64
+        size = np.where(code == _SEARCH, _SEARCH, 12)
+        size[tabled] = shift
+        at = np.full(pages, total, np.int64)
+        at[tabled] = offsets
+        self.page = ((at - (address >> size)) << 6) | size
+        # granule records
         before = np.cumsum(np.bincount(page, minlength=pages)) + a   # objects up to each page
         before = np.concatenate(([a], before[:-1]))
-        # the objects' starts and ends from base, clipped to the cluster
-        srel = s.view(np.int64)
-        erel = np.zeros(b - a + 1, np.int64)           # [k + 1]: object a + k; [0]: none
-        e = m.ends[a:b]
-        erel[1:] = np.where(e > self.base, np.minimum(e - self.base, self.span), 0).view(np.int64)
-        # granules in order: each one's start and size
-        gsize = np.repeat(1 << shift, sizes)
-        first = np.repeat(offsets, sizes)
-        gstart = np.arange(total) - first
-        gstart *= gsize
-        gstart += np.repeat(tabled << 12, sizes)
-        # where objects start, and how many start in the page up to each granule
         code = code.take(page)
-        mine = np.flatnonzero((code >= 0) & (code != _SEARCH))      # on tabled pages
-        at = (self.page.take(page.take(mine)) >> 4) + ((srel.take(mine) & 0xFFF) >> code.take(mine))
+        mine = np.flatnonzero((code >= 0) & (code != _SEARCH))      # objects on tabled pages
+        inpage = (s.take(mine) & U64(0xFFF)).astype(np.int64)
+        start_at = at.take(page.take(mine)) + (inpage >> code.take(mine))
         has = np.zeros(total, np.int64)
-        has[at] = 1
-        seen = np.cumsum(has)
+        has[start_at] = 1
+        seen = np.cumsum(has)                          # starts in the page up to each granule
         seen -= np.repeat(seen.take(offsets) - has.take(offsets), sizes)
-        # records as if no object started in the granule: its bytes are the last
-        # one's starting before it (index + 1 in erel), as far as its end reaches
-        owner = np.repeat(before.take(tabled) - a, sizes)
-        owner += seen
-        covered = erel.take(owner)
-        covered -= gstart
-        np.maximum(covered, 0, out=covered)
-        np.minimum(covered, gsize, out=covered)
-        self.granule = np.zeros(total + 1, np.int64)   # one spare: _SEARCH pages read [0]
+        seen -= has
+        seen += np.repeat(before.take(tabled), sizes)  # objects starting before each granule
+        self.granule = np.full(total + 1, 4096, np.int64)
         record = self.granule[:total]
-        np.left_shift(owner + a, 36, out=record)
-        record |= gsize * ((1 << 12) | (1 << 24))
-        record |= covered
-        # then the granules where one does start (whose records above are wrong)
-        g0 = gstart.take(at)
-        at_start = srel.take(mine) - g0
-        end = np.minimum(np.maximum(erel.take(mine + 1) - g0, at_start), gsize.take(at))
-        prev_end = np.minimum(np.maximum(erel.take(mine) - g0, 0), at_start)
-        record[at] = prev_end | (at_start << 12) | (end << 24) | ((mine + a) << 36)
+        record[start_at] = inpage
+        record |= seen << 13
 
     def lookup(self, m: "Matcher", w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(indices in `w`, object indices) of the words `w` inside an object."""
         d = w - self.base
-        if self.page is None:
+        if self.used is None:
             sel = (d < self.span).nonzero()[0]
             hit, obj = m.check(w.take(sel), m.search(w.take(sel)))
             return sel.take(hit), obj
@@ -194,32 +178,26 @@ class _Cluster:
         # byte after its last page)
         page = (d >> U64(12)).view(np.int64)
         sel = self.used.take(page, mode="clip").nonzero()[0]
-        if not len(sel):
-            return sel, sel
-        d, entry = d.take(sel).view(np.int64), self.page.take(page.take(sel))
-        shift = entry & 15
-        found, obj = [], []
-        if self.granule is not None:
-            # a _SEARCH page's words read granule 0; they are redone below
-            offset = d & 0xFFF
-            index = offset >> shift
-            record = self.granule.take((entry >> 4) + index)
-            offset -= index << shift                   # from the granule's start
-            later = offset >= (record >> 12 & 0xFFF)   # at or past the start in it
-            inside = offset < (np.where(later, record >> 24, record) & 0xFFF)
-            if self.search:
-                inside &= shift != _SEARCH
-            hit = inside.nonzero()[0]
-            found.append(hit)
-            obj.append((record.take(hit) >> 36) - 1 + later.take(hit))
+        if not len(sel) or self.page is None:
+            hit, obj = m.check(w.take(sel), m.search(w.take(sel)))
+            return sel.take(hit), obj
+        w = w.take(sel)
+        entry = self.page.take(page.take(sel))
+        size = entry & 63
+        signed = w.view(np.int64)
+        record = self.granule.take((signed >> size) + (entry >> 6))
+        k = record >> 13                           # the last object starting before + 1
+        k += (signed & 0xFFF) >= (record & 0x1FFF)    # or the one starting in the granule
+        hit = (w < m.ends1.take(k)).nonzero()[0]
+        found, obj = sel.take(hit), k.take(hit) - 1
         if self.search:
-            redo = (shift == _SEARCH).nonzero()[0]
-            wr = w.take(sel.take(redo))
-            hit, o = m.check(wr, m.search(wr))
-            found.append(redo.take(hit))
-            obj.append(o)
-        found = np.concatenate(found) if len(found) > 1 else found[0]
-        return sel.take(found), np.concatenate(obj) if len(obj) > 1 else obj[0]
+            redo = (size == _SEARCH).nonzero()[0]      # their records name no object
+            if len(redo):
+                wr = w.take(redo)
+                hit, o = m.check(wr, m.search(wr))
+                found = np.concatenate((found, sel.take(redo.take(hit))))
+                obj = np.concatenate((obj, o))
+        return found, obj
 
 
 class Matcher:
@@ -232,6 +210,7 @@ class Matcher:
         if len(self.starts) > 1 and np.any(self.starts[1:] < self.starts[:-1]):
             raise ValueError("objects must be in address order")
         self._bounds = None   # see check
+        self.ends1 = np.concatenate((np.zeros(1, U64), self.ends))   # [k]: object k - 1's end
         self.clusters: list[_Cluster] = []
         # neighbouring clusters in the same half of the address space share one range
         # check (what lies between them, kernel text or vmemmap, is rare): [low,
@@ -653,6 +632,9 @@ def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
     waves = 0
     while len(frontier):
         waves += 1
+        if len(frontier) <= _FEW:
+            frontier = _few_wave(frontier, out_lo, out_n, dst, counts, min_count, gray)
+            continue
         m = out_n.take(frontier)
         sel = np.repeat(out_lo.take(frontier) - (np.cumsum(m) - m), m)
         sel += np.arange(len(sel))
@@ -672,6 +654,21 @@ def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
         gray[frontier] = True
     scanned += int(words[gray].sum()) * 8
     return Result(counts, gray, scanned, waves, src, dst)
+
+
+def _few_wave(frontier: np.ndarray, out_lo, out_n, dst, counts, min_count, gray) -> np.ndarray:
+    """One wave from a few objects, element by element: the long tail of waves
+    along kernel lists, where each numpy call would cost more than its work."""
+    found = []
+    for f in frontier.tolist():
+        lo = int(out_lo[f])
+        for t in dst[lo:lo + int(out_n[f])].tolist():
+            c = counts[t] = counts[t] + 1
+            m = min_count[t]
+            if 0 < m <= c and not gray[t]:
+                gray[t] = True
+                found.append(t)
+    return np.array(found, np.int64)
 
 
 def leak_edges(ram: np.ndarray, starts, ends, contents: Segments, white: np.ndarray,
