@@ -244,7 +244,7 @@ class Guest:
     def read(self, va: int, size: int) -> bytes:
         """`size` bytes of kernel virtual memory at `va`, through the kernel's page
         tables; GuestMemoryError if any page is not mapped."""
-        tables = self.page_tables()
+        tables = self._tables if self._tables is not None else self.page_tables()
         if 0 < size <= 4096 - (va & 4095):     # most reads: one page
             return self.mem.read(tables.translate(va), size)
         if size > _BIG_READ:                 # e.g. the struct page array: by mapping

@@ -13,6 +13,7 @@ import numpy as np
 from .errors import GuestMemoryError
 
 PAGE = 4096
+_WALKS = 32          # ranges walked that a PageTables keeps, the latest
 
 ReadPhys = Callable[[int, int], bytes]
 
@@ -60,6 +61,10 @@ class PageTables:
         # 2 MiB pages make most later translations one dictionary lookup.
         self._leaves: dict[tuple[int, int], int] = {}
         self._leaf_shifts = tuple(sorted({sh for sh in fmt.shifts if sh <= 30}, reverse=True))
+        self._index_mask = (1 << fmt.va_bits) - 1
+        # Ranges walked so far, as (start, end, va, pa, size): a scan asks for the
+        # same runs (objects, roots, cleaning) several times.
+        self._walks: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def invalidate(self) -> None:
         """Forget the table pages and translations so far (the guest has run since)."""
@@ -67,6 +72,7 @@ class PageTables:
         self._decodes.clear()
         self._leaves.clear()
         self._pages.clear()
+        self._walks.clear()
 
     def _table(self, pa: int) -> np.ndarray:
         t = self._tables.get(pa)
@@ -75,19 +81,24 @@ class PageTables:
             self._tables[pa] = t
         return t
 
-    def _decoded(self, pa: int, shift: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _decoded(self, pa: int, shift: int) -> tuple[list, list, list]:
         """The table at `pa` decoded as a level-`shift` table, once: decoding one
-        entry costs as much as decoding all 512."""
+        entry costs as much as decoding all 512. As lists: a walk then indexes
+        Python values, not numpy scalars."""
         d = self._decodes.get((pa, shift))
         if d is None:
-            d = self._decodes[(pa, shift)] = self.fmt.decode(self._table(pa), shift)
+            d = self._decodes[(pa, shift)] = tuple(
+                a.tolist() for a in self.fmt.decode(self._table(pa), shift))
         return d
 
     def _index_bits(self, va: int) -> int:
-        return va & ((1 << self.fmt.va_bits) - 1)
+        return va & self._index_mask
 
     def translate(self, va: int) -> int:
         """Guest-physical address of `va`; GuestMemoryError if it is not mapped."""
+        page = self._pages.get(va >> 12)          # the fastest path: this page before
+        if page is not None:                      # (only valid addresses get there)
+            return page | (va & 0xFFF)
         bits = self.fmt.va_bits
         if self.fmt.kernel_only:                  # TTBR1: the bits above va_bits all set
             ok = va >> bits == (1 << (64 - bits)) - 1
@@ -96,9 +107,6 @@ class PageTables:
         if not ok:
             raise GuestMemoryError(f"virtual address {va:#x} is not mapped (outside the "
                                    f"{'kernel' if self.fmt.kernel_only else 'canonical'} range)")
-        page = self._pages.get(va >> 12)          # the fastest path: this page before
-        if page is not None:
-            return page | (va & 0xFFF)
         for shift in self._leaf_shifts:
             base = self._leaves.get((shift, va >> shift))
             if base is not None:
@@ -106,17 +114,18 @@ class PageTables:
                 self._pages[va >> 12] = pa & ~0xFFF
                 return pa
         table = self.root
+        index = va & self._index_mask
         for shift in self.fmt.shifts:
-            idx = (self._index_bits(va) >> shift) & 0x1FF
+            idx = (index >> shift) & 0x1FF
             is_table, is_leaf, addr = self._decoded(table, shift)
             if is_leaf[idx]:
-                self._leaves[(shift, va >> shift)] = int(addr[idx])
-                pa = int(addr[idx]) | (va & ((1 << shift) - 1))
+                self._leaves[(shift, va >> shift)] = addr[idx]
+                pa = addr[idx] | (va & ((1 << shift) - 1))
                 self._pages[va >> 12] = pa & ~0xFFF
                 return pa
             if not is_table[idx]:
                 break
-            table = int(addr[idx])
+            table = addr[idx]
         raise GuestMemoryError(f"virtual address {va:#x} is not mapped")
 
     def kernel_top_entries(self) -> list[int]:
@@ -137,10 +146,20 @@ class PageTables:
         """`mappings` as uint64 arrays (va, pa, size), in address order.
 
         The walk goes level by level: all entries of one level that overlap the
-        range are decoded at once, so no Python runs per entry."""
+        range are decoded at once, so no Python runs per entry. A range inside
+        one walked before is cut from that walk's pieces."""
         start, end = self._translated(start, end)
         if start >= end:
             return _no_pieces()
+        for lo, hi, va, pa, size in self._walks:
+            if lo <= start and end <= hi:
+                return _cut(va, pa, size, start, end)
+        va, pa, size = self._walk(start, end)
+        self._walks = [*self._walks[-(_WALKS - 1):], (start, end, va, pa, size)]
+        return _cut(va, pa, size, start, end)
+
+    def _walk(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`mapping_arrays` of a non-empty range of the translated half, walked."""
         self._table(self.root)          # a root outside RAM is an error, a table below it is not
         tables = [(self.root, start & ~((1 << self.fmt.va_bits) - 1))]
         found = []
@@ -198,6 +217,22 @@ class PageTables:
 
 def _no_pieces() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+
+
+def _cut(va: np.ndarray, pa: np.ndarray, size: np.ndarray, start: int,
+         end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pieces (in address order, disjoint, each maximal) cut to [start, end), as
+    new arrays: what a walk of just [start, end) finds."""
+    last = va + (size - np.uint64(1))               # 2**64 - 1 at most
+    i = int(np.searchsorted(last, np.uint64(start)))
+    j = int(np.searchsorted(va, np.uint64(end - 1), side="right"))
+    va, pa, last = va[i:j].copy(), pa[i:j].copy(), last[i:j].copy()
+    if len(va):
+        cut = np.uint64(max(0, start - int(va[0])))
+        va[0] += cut
+        pa[0] += cut
+        last[-1] = min(int(last[-1]), end - 1)
+    return va, pa, last - va + np.uint64(1)
 
 
 def _leaves(va: np.ndarray, pa: np.ndarray, shift: int, start: int,

@@ -237,13 +237,13 @@ def _stack_spans(kernel, snapshot: Snapshot, stack_on: bool):
         except QemuleakError:
             continue
     live, dead, cached = [], [], []
-    for t in tasks.for_each_thread(kernel):
-        base = tasks.stack(kernel, t.address)
+    for thread in tasks.threads(kernel):
+        t, base = thread.task, thread.stack
         if not base:
             continue
         sp = running.get(t.address)
         if sp is None or not base <= sp < base + size:
-            sp = tasks.saved_sp(kernel, t.address) if t.address not in running else None
+            sp = thread.saved_sp if t.address not in running else None
         if sp is None or not base <= sp <= base + size:
             sp = base                        # unknown: all of it may be live
         if not stack_on:

@@ -27,6 +27,8 @@ class RamCopy(PhysMemory):
     def __init__(self, data: np.ndarray, ranges: list[RamRange]):
         super().__init__(ranges)
         self.data = data
+        # (first gpa, end, offset - gpa) per range: reads are many and small
+        self._spans = [(r.gpa, r.end, r.offset - r.gpa) for r in ranges]
 
     def _read_block(self, offset: int, size: int) -> bytes:
         return self.data[offset:offset + size].tobytes()
@@ -37,9 +39,9 @@ class RamCopy(PhysMemory):
 
     def view(self, gpa: int, size: int) -> np.ndarray | None:
         """The copy of [gpa, gpa + size) itself, if it lies in one RAM range."""
-        for r in self.ranges:
-            if r.gpa <= gpa and gpa + size <= r.end:
-                return self.data[r.offset + gpa - r.gpa:r.offset + gpa - r.gpa + size]
+        for lo, hi, shift in self._spans:
+            if lo <= gpa and gpa + size <= hi:
+                return self.data[gpa + shift:gpa + shift + size]
         return None
 
     def offsets(self, gpas: np.ndarray) -> np.ndarray:

@@ -81,16 +81,21 @@ def chunk_map(kernel) -> ChunkMap:
         found |= {node - off["list"] for node in list_nodes(kernel, lists + 16 * slot)}
     to_cookie = (sym("__per_cpu_start") - kernel.read_u64(sym("pcpu_base_addr"))) & (2**64 - 1)
     parts = {k: [] for k in ("base", "start", "size", "free_base", "free_start", "free_size")}
+    width = {f: 4 if f in ("start_offset", "end_offset", "nr_pages") else 8 for f in off}
+    first = min(off.values())
+    span = max(off[f] + width[f] for f in off) - first
     for chunk in sorted(found - {0}):
-        read = lambda f, n=8: int.from_bytes(kernel.read(chunk + off[f], n), "little")  # noqa: E731
-        bits = read("nr_pages", 4) * mm.PAGE // MIN_ALLOC
+        raw = kernel.read(chunk + first, span)           # the fields used, in one piece
+        at = {f: o - first for f, o in off.items()}
+        read = lambda f: int.from_bytes(raw[at[f]:at[f] + width[f]], "little")  # noqa: E731
+        bits = read("nr_pages") * mm.PAGE // MIN_ALLOC
         if not 0 < bits <= 1 << 26:
             raise QemuleakError(f"per-CPU chunk {chunk:#x} has {bits} map bits: not a chunk")
         alloc = _bitmap(kernel, read("alloc_map"), bits)
         bound = _bitmap(kernel, read("bound_map"), bits + 1)
         bound[0] = bound[bits] = True
-        lo = _signed32(read("start_offset", 4)) // MIN_ALLOC
-        hi = bits - _signed32(read("end_offset", 4)) // MIN_ALLOC
+        lo = _signed32(read("start_offset")) // MIN_ALLOC
+        hi = bits - _signed32(read("end_offset")) // MIN_ALLOC
         edges = np.flatnonzero(bound)
         starts, ends = edges[:-1], edges[1:]
         # free ranges may hold stale boundary bits: take them from the allocation bits

@@ -68,6 +68,12 @@ class _Memory:
         self.pages: dict[int, bytes] = {}
 
     def read(self, va: int, size: int) -> bytes:
+        at = va & PAGE_MASK
+        if 0 < size <= PAGE_MASK + 1 - at:          # most reads: inside one page
+            page = self.pages.get(va - at)
+            if page is None:
+                page = self.pages[va - at] = self.kernel.read(va - at, PAGE_MASK + 1)
+            return page[at:at + size]
         parts = []
         while size > 0:
             page, at = va & ~PAGE_MASK, va & PAGE_MASK
@@ -318,8 +324,10 @@ def _cpu_freelists(kernel, memory: _Memory, cache_list: list[Cache],
     sl = t.offsetof(c, "slab") if t.has_member(c, "slab") else t.offsetof(c, "page")
     offsets = [kernel.percpu_offset(cpu) for cpu in percpu.possible_cpus(kernel)]
     at = [(cache.cpu_slab + off) & MASK for off in offsets for cache in cache_list]
-    head = np.array([memory.u64(a + fl) for a in at], U64)
-    slab = np.array([memory.u64(a + sl) for a in at], U64)
+    lo = min(fl, sl)
+    raw = [memory.read(a + lo, max(fl, sl) + 8 - lo) for a in at]     # both fields at once
+    head = np.array([_word(r, fl - lo) for r in raw], U64)
+    slab = np.array([_word(r, sl - lo) for r in raw], U64)
     found = _slab_index(slabs, slab)
     keep = (head != 0) & (slab != 0) & (found >= 0)
     return head[keep], found[keep]

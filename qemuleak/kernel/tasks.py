@@ -1,6 +1,7 @@
 """Tasks: the current task of each vCPU, and a task's comm and pid."""
 
 from dataclasses import dataclass
+from itertools import chain
 
 from ..errors import KernelTypeError, QemuleakError
 from .lists import list_nodes
@@ -49,8 +50,12 @@ def task(kernel, address: int) -> Task:
     comm_off = t.offsetof("struct task_struct", "comm")
     pid_off = t.offsetof("struct task_struct", "pid")
     comm = kernel.read(address + comm_off, t.member_size("struct task_struct", "comm"))
-    pid = int.from_bytes(kernel.read(address + pid_off, 4), "little", signed=True)
-    return Task(address, comm.split(b"\0", 1)[0].decode("utf-8", "replace"), pid)
+    return _task(address, comm, kernel.read(address + pid_off, 4))
+
+
+def _task(address: int, comm: bytes, pid: bytes) -> Task:
+    return Task(address, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+                int.from_bytes(pid, "little", signed=True))
 
 
 def for_each_task(kernel, limit: int = 1 << 20):
@@ -62,31 +67,74 @@ def for_each_task(kernel, limit: int = 1 << 20):
         yield task(kernel, node - tasks_off)
 
 
+@dataclass(frozen=True)
+class Thread:
+    """A thread as the thread walk reads it: its Task, the lowest address of its
+    kernel stack (task->stack) and the stack pointer it saved when switched out
+    (None if the kernel has no field we know: see saved_sp)."""
+
+    task: Task
+    stack: int
+    saved_sp: int | None
+
+
 def for_each_thread(kernel, limit: int = 1 << 20):
     """Every thread: each leader's thread group, through signal->thread_head and
     thread_node (where they exist) or the older thread_group list."""
+    for thread in threads(kernel, limit):
+        yield thread.task
+
+
+def threads(kernel, limit: int = 1 << 20):
+    """for_each_thread's walk, as Threads. Each task_struct is read once, in one
+    piece from its first field used to its last: small reads cost the most."""
     t = kernel.types
-    if t.has_member("struct task_struct", "thread_node"):
-        node_off = t.offsetof("struct task_struct", "thread_node")
-        sig_off = t.offsetof("struct task_struct", "signal")
+    k = "struct task_struct"
+    group = t.has_member(k, "thread_node")        # else the older thread_group list
+    node_off = t.offsetof(k, "thread_node" if group else "thread_group")
+    tasks_off = t.offsetof(k, "tasks")
+    fields = {"comm": (t.offsetof(k, "comm"), t.member_size(k, "comm")),
+              "pid": (t.offsetof(k, "pid"), 4), "tasks": (tasks_off, 8),
+              "node": (node_off, 8), "stack": (t.offsetof(k, "stack"), 8)}
+    if group:
+        fields["signal"] = (t.offsetof(k, "signal"), 8)
         head_off = t.offsetof("struct signal_struct", "thread_head")
-        heads = lambda leader: kernel.read_u64(leader + sig_off) + head_off   # noqa: E731
-    else:
-        node_off = t.offsetof("struct task_struct", "thread_group")
-        heads = lambda leader: leader + node_off                              # noqa: E731
-    for leader in for_each_task(kernel, limit):
-        if leader.address == kernel.sym("init_task") or not _has_signal(kernel, leader.address):
+    sp = next((p for p in _SAVED_SP if t.has_member(k, p)), None)
+    if sp is not None:
+        fields["sp"] = (t.offsetof(k, sp), 8)
+    lo = min(o for o, _ in fields.values())
+    hi = max(o + n for o, n in fields.values())
+    read: dict[int, tuple[Thread, dict[str, bytes]]] = {}
+    nexts: dict[int, int] = {}            # list node -> its next, from the tasks read
+
+    def thread(address: int) -> tuple[Thread, dict[str, bytes]]:
+        if address not in read:
+            raw = kernel.read(address + lo, hi - lo)
+            f = {name: raw[o - lo:o - lo + n] for name, (o, n) in fields.items()}
+            nexts[address + tasks_off] = _u64(f["tasks"])
+            nexts[address + node_off] = _u64(f["node"])
+            read[address] = (Thread(_task(address, f["comm"], f["pid"]), _u64(f["stack"]),
+                                    _u64(f["sp"]) if "sp" in f else None), f)
+        return read[address]
+
+    def next_of(node: int) -> int:
+        known = nexts.get(node)
+        return known if known is not None else kernel.read_u64(node)
+    init = kernel.sym("init_task")
+    leaders = chain([init], (node - tasks_off
+                             for node in list_nodes(kernel, init + tasks_off, limit, next_of)))
+    for address in leaders:
+        leader, f = thread(address)
+        if address == init or (group and not _u64(f["signal"])):
             yield leader
             continue
-        for node in list_nodes(kernel, heads(leader.address), limit):
-            yield task(kernel, node - node_off)
+        head = _u64(f["signal"]) + head_off if group else address + node_off
+        for node in list_nodes(kernel, head, limit, next_of):
+            yield thread(node - node_off)[0]
 
 
-def _has_signal(kernel, address: int) -> bool:
-    t = kernel.types
-    if not t.has_member("struct task_struct", "thread_node"):
-        return True
-    return kernel.read_u64(address + t.offsetof("struct task_struct", "signal")) != 0
+def _u64(raw: bytes) -> int:
+    return int.from_bytes(raw, "little")
 
 
 def thread_size(kernel) -> int:

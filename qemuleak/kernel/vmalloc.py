@@ -60,17 +60,30 @@ def for_each_vmap_area(kernel, limit: int = 1 << 20) -> list[VmapArea]:
     vm_off = t.offsetof("struct vmap_area", "vm")
     caller_off = t.offsetof("struct vm_struct", "caller")
     flags_off = t.offsetof("struct vm_struct", "flags")
+    # each struct read in one piece (small reads cost the most), the list's
+    # next pointer with it
+    size = max(start_off, end_off, vm_off, list_off) + 8
+    vm_lo = min(caller_off, flags_off)
+    vm_size = max(caller_off, flags_off) + 8 - vm_lo
+    nexts: dict[int, int] = {}
+
+    def next_of(node: int) -> int:
+        known = nexts.pop(node, None)
+        return known if known is not None else kernel.read_u64(node)
     out = []
     for head in heads:
-        for node in list_nodes(kernel, head, limit):
+        for node in list_nodes(kernel, head, limit, next_of):
             va = node - list_off
-            raw = kernel.read(va, max(start_off, end_off, vm_off) + 8)
+            raw = kernel.read(va, size)
             word = lambda off: int.from_bytes(raw[off:off + 8], "little")   # noqa: E731
+            nexts[node] = word(list_off)
             vm = word(vm_off)
             # `vm` shares a union with subtree_max_size: only a kernel pointer is a vm
             caller = flags = 0
             if vm >> 63:
-                caller, flags = kernel.read_u64(vm + caller_off), kernel.read_u64(vm + flags_off)
+                fields = kernel.read(vm + vm_lo, vm_size)
+                caller = int.from_bytes(fields[caller_off - vm_lo:caller_off - vm_lo + 8], "little")
+                flags = int.from_bytes(fields[flags_off - vm_lo:flags_off - vm_lo + 8], "little")
             else:
                 vm = 0
             out.append(VmapArea(word(start_off), word(end_off), va, vm, caller, flags))

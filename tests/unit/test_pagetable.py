@@ -912,6 +912,27 @@ def test_mapping_arrays_agree_with_the_per_entry_walk(flavor):
 
 
 @pytest.mark.parametrize("flavor", ALL_FLAVORS, ids=lambda f: f.name)
+def test_mapping_arrays_inside_a_walked_range_are_cut_from_it(flavor):
+    b = mixed_tables(flavor)
+    pt = b.walker()
+    base = slot(flavor, 1)
+    pt.mapping_arrays(base, base + 6 * GiB)
+    walks = len(pt._walks)
+    for lo, hi in [(base + 0x123, base + GiB + 3 * MiB + 7),
+                   (base + GiB + 0x1000, base + GiB + 0x1010), (base + 2 * GiB, base + 4 * GiB + 0x5001), (base, base + 6 * GiB),
+                   (base + 5 * GiB + 0x800, base + 6 * GiB)]:
+        fresh = b.walker().mapping_arrays(lo, hi)
+        cut = pt.mapping_arrays(lo, hi)
+        assert [a.tolist() for a in cut] == [a.tolist() for a in fresh]
+        assert all(a.dtype == np.uint64 for a in cut)
+    assert len(pt._walks) == walks                # no walk again
+    va, pa, size = pt.mapping_arrays(base, base + 6 * GiB)
+    va[:] = 0                                     # the caller's copy
+    assert pt.mapping_arrays(base, base + 6 * GiB)[0].tolist() == b.walker().mapping_arrays(
+        base, base + 6 * GiB)[0].tolist()
+
+
+@pytest.mark.parametrize("flavor", ALL_FLAVORS, ids=lambda f: f.name)
 def test_mapping_arrays_of_nothing(flavor):
     pt = Builder(flavor).walker()
     low = KERNEL_HALF[flavor.name][0]
