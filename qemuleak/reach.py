@@ -19,6 +19,7 @@ matched in one pass, over long runs of RAM rather than object by object, into a
 graph of references; the waves follow the graph instead of reading RAM again.
 """
 
+import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -418,6 +419,7 @@ class Result:
     # every reference between objects: (source, target) object indices, by source
     src: np.ndarray = field(repr=False, default=None)
     dst: np.ndarray = field(repr=False, default=None)
+    threads: int = 1          # threads the matching ran on
 
 
 def _same(words):
@@ -567,17 +569,54 @@ def _joined(ram64: np.ndarray, pieces: list[tuple[int, int]]):
     return words, np.cumsum(counts) - counts, firsts
 
 
-# Threads for the scan: half the host's CPUs (QEMU runs a thread per vCPU beside
-# it; on 2 CPUs with a busy guest a second thread made scans slower and erratic), 4 at most.
-THREADS = max(1, min(len(os.sched_getaffinity(0)) // 2, 4))
+THREADS = None     # threads for a scan; None: as many as idle CPUs (see _idle_cpus)
 
 
-def _in_threads(jobs: list) -> list:
-    """Each job's result, the jobs run on up to THREADS threads."""
-    if THREADS <= 1 or len(jobs) <= 1:
+def _idle_cpus(cpus: int | None = None, loadavg: str | None = None) -> int:
+    """The host's CPUs that nothing else runs on now, 1 to 4: QEMU runs a thread
+    per busy vCPU beside the scan (on 2 CPUs with a busy guest a second thread
+    made scans slower and erratic; with an idle one, 20% faster). From the
+    kernel's count of runnable tasks in /proc/loadavg, this one included."""
+    cpus = cpus or len(os.sched_getaffinity(0))
+    try:
+        if loadavg is None:
+            with open("/proc/loadavg") as f:
+                loadavg = f.read()
+        running = int(loadavg.split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return max(1, min(cpus // 2, 4))
+    return max(1, min(cpus - max(running - 1, 0), 4))
+
+
+def _in_threads(jobs: list, threads: int) -> list:
+    """Each job's result, the jobs run on up to `threads` threads."""
+    if threads <= 1 or len(jobs) <= 1:
         return [job() for job in jobs]
-    with ThreadPoolExecutor(THREADS) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(lambda job: job(), jobs))
+
+
+# glibc's malloc options (malloc.h): sizes from which memory is mapped alone, and
+# freed memory at the heap's top from which it goes back to the kernel
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_heap_kept = False
+
+
+def _keep_freed_memory() -> None:
+    """Have malloc keep freed memory for reuse. A scan makes and drops thousands of
+    numpy temporaries of 0.1 to 2 MiB; memory handed back to the kernel costs a
+    page fault per 4 KiB when used again: 12,000 a scan, a third of the reach
+    step, in a process that had not raised glibc's adaptive thresholds."""
+    global _heap_kept
+    if _heap_kept:
+        return
+    _heap_kept = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return                                  # no glibc: nothing to tune
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 128 << 20)
 
 
 def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
@@ -595,6 +634,8 @@ def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
     longest chain of objects (hundreds, for kernel lists), and scanning each one's
     few objects from RAM cost more than the pass over objects that stay white.
     `bytes_scanned` counts what kmemleak would scan: roots and gray objects."""
+    _keep_freed_memory()
+    threads = THREADS or _idle_cpus()
     n = len(starts)
     matcher = Matcher(starts, ends)
     ram64 = ram[:len(ram) // 8 * 8].view("<u8")
@@ -611,9 +652,9 @@ def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
     # of the interpreter lock while it works); small shares even the threads out
     roots_jobs = [lambda f=f, l_=l_: [matcher.match(untag(words))[1]
                                       for words, _ in _chunks(ram64, f, l_, None)]
-                  for f, l_ in _shares(first, last, THREADS)]
-    edge_jobs = _edge_jobs(matcher, ram64, part, untag, 2 * THREADS)
-    done = _in_threads(roots_jobs + edge_jobs)
+                  for f, l_ in _shares(first, last, threads)]
+    edge_jobs = _edge_jobs(matcher, ram64, part, untag, 2 * threads)
+    done = _in_threads(roots_jobs + edge_jobs, threads)
     hits = [h for found in done[:len(roots_jobs)] for h in found]
     src, dst = _sorted_edges(done[len(roots_jobs):])
     if len(root_words):
@@ -653,7 +694,7 @@ def reachability(ram: np.ndarray, starts: np.ndarray, ends: np.ndarray,
         frontier = frontier[slot.take(frontier) == order]
         gray[frontier] = True
     scanned += int(words[gray].sum()) * 8
-    return Result(counts, gray, scanned, waves, src, dst)
+    return Result(counts, gray, scanned, waves, src, dst, threads)
 
 
 def _few_wave(frontier: np.ndarray, out_lo, out_n, dst, counts, min_count, gray) -> np.ndarray:

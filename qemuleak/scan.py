@@ -84,6 +84,7 @@ class Result:
     # seconds per step: "kernel" (walking the kernel's structures and inventories
     # in the copy), "reach" (the reachability scan), "report" (leaks and their records)
     steps_s: dict = field(default_factory=dict)
+    threads: int = 1          # threads the reach step ran on
 
     def state_of(self, address: int) -> tuple[str, int] | None:
         """("direct leak" | "indirect leak" | "referenced", references found) of the
@@ -555,7 +556,8 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
                   done - started, result.waves, addresses, result.counts,
                   states, contents, roots, ram, registers, untag, ends, named,
                   [w for _, _, w in spans], _symbolic(kernel, spans, symbolizer),
-                  {"kernel": walked - started, "reach": reached - walked, "report": done - reached})
+                  {"kernel": walked - started, "reach": reached - walked, "report": done - reached},
+                  result.threads)
 
 
 def _symbolic(kernel, spans, symbolizer: Symbolizer) -> list:

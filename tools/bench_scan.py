@@ -7,8 +7,8 @@ how fast its RAM is copied, and how fast the copy is scanned after it resumed.
 
 For each --memory size, boots the test guest (2 vCPUs, TCG, shared-RAM memfd) with
 the leaky module loaded and allocstorm running without end (a busy kernel), traces
-its allocations for --trace-seconds, lets it run again, then freezes and scans it
---scans times with the default options (untracked="roots": all of untracked RAM
+its allocations for --trace-seconds, lets it run again (with --idle: unloads
+allocstorm, so the guest idles), then freezes and scans it --scans times with the default options (untracked="roots": all of untracked RAM
 is a root) and once with untracked="ignore" (kmemleak's own roots only).
 
 Per scan: paused_s (the guest stood still: stop, registers, RAM copy, resume),
@@ -57,6 +57,7 @@ class Run:
     objects: int
     leaks: int
     steps: dict             # scan.Result.steps_s: kernel walks, reach, report
+    threads: int            # scan.Result.threads: of the reach step
 
     @property
     def scan_bps(self) -> float:
@@ -81,11 +82,12 @@ def one_scan(kernel, table, guest, symbolizer, tracer, options: Options) -> Run:
     snapshot = freeze(guest)
     result = scan(kernel, table, snapshot, options, symbolizer, tracer.freed)
     return Run(options.untracked, snapshot.paused_s, snapshot.copy_s, result.duration_s,
-               result.bytes_scanned, result.objects, len(result.leaks), result.steps_s)
+               result.bytes_scanned, result.objects, len(result.leaks), result.steps_s,
+               result.threads)
 
 
 def bench_size(image, arch: str, memory_mib: int, scans: int, trace_seconds: float,
-               tmp: Path, save_to: Path | None = None) -> SizeResult:
+               tmp: Path, save_to: Path | None = None, idle: bool = False) -> SizeResult:
     with busy_guest(image, arch, memory_mib, tmp) as vm:
         with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
             kernel = Kernel.open(guest, system_map=image.system_map)
@@ -101,6 +103,10 @@ def bench_size(image, arch: str, memory_mib: int, scans: int, trace_seconds: flo
             # freeze stops a running guest and each scan runs beside it, as in use.
             # (_resume_for_good also clears a stop a vCPU reports late.)
             guest._resume_for_good()
+            if idle:                           # allocstorm stopped: the guest idles
+                vm.send_line("rmmod allocstorm && echo storm-$((40 + 2))")
+                vm.wait_for_line("storm-42", timeout=60)
+                time.sleep(1)
             runs = [one_scan(kernel, table, guest, symbolizer, tracer, Options())
                     for _ in range(scans)]
             ignore = one_scan(kernel, table, guest, symbolizer, tracer,
@@ -120,14 +126,14 @@ def report(r: SizeResult) -> None:
           f"{r.freed} freed remembered; host load avg {r.load[0]:.2f}")
     head = (f"  {'scan':<12} {'paused s':>9} {'copy s':>7} {'copy GB/s':>10} {'scan s':>7} "
             f"{'scanned MB':>11} {'scan GB/s':>10} {'objects':>8} {'leaks':>6}  "
-            f"{'kernel s':>8} {'reach s':>7} {'report s':>8}")
+            f"{'kernel s':>8} {'reach s':>7} {'report s':>8} {'threads':>7}")
     print(head)
 
     def row(label: str, x: Run) -> None:
         print(f"  {label:<12} {x.paused_s:9.3f} {x.copy_s:7.3f} {ram / x.copy_s / GB:10.2f} "
               f"{x.duration_s:7.3f} {x.bytes_scanned / 1e6:11.1f} {x.scan_bps / GB:10.2f} "
               f"{x.objects:8d} {x.leaks:6d}  {x.steps['kernel']:8.3f} {x.steps['reach']:7.3f} "
-              f"{x.steps['report']:8.3f}")
+              f"{x.steps['report']:8.3f} {x.threads:7d}")
     for i, x in enumerate(r.runs, 1):
         row(f"roots #{i}", x)
     row("ignore", r.ignore)
@@ -167,15 +173,18 @@ def main() -> int:
                     help="guest RAM sizes in MiB, one guest each")
     ap.add_argument("--scans", type=int, default=3, help="untracked=roots scans per size")
     ap.add_argument("--trace-seconds", type=float, default=5.0)
+    ap.add_argument("--idle", action="store_true",
+                    help="stop allocstorm after tracing: scan an idle guest")
     ap.add_argument("--save", type=Path, metavar="DIR",
                     help="also save a snapshot per size under DIR for tools/replay_scan.py")
     args = ap.parse_args()
     command = [os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd())
                else sys.executable, sys.argv[0], "--arch", args.arch,
                "--memory", *map(str, args.memory), "--scans", str(args.scans),
-               "--trace-seconds", f"{args.trace_seconds:g}"]
+               "--trace-seconds", f"{args.trace_seconds:g}", *(["--idle"] if args.idle else [])]
     print(f"reproduce: cd {shlex.quote(os.getcwd())} && {shlex.join(command)}")
-    print(f"guest: {args.arch}, 2 vCPUs, TCG, leaky loaded, allocstorm running; host: "
+    storm = "allocstorm stopped after tracing (idle)" if args.idle else "allocstorm running"
+    print(f"guest: {args.arch}, 2 vCPUs, TCG, leaky loaded, {storm}; host: "
           f"{os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f} at start", flush=True)
     image = find_image(args.arch)
     wall = time.monotonic()
@@ -183,7 +192,7 @@ def main() -> int:
         for memory in args.memory:
             t = time.monotonic()
             r = bench_size(image, args.arch, memory, args.scans, args.trace_seconds, Path(tmp),
-                           args.save)
+                           args.save, args.idle)
             report(r)
             print(f"  ({time.monotonic() - t:.0f} s for this size, boot included)", flush=True)
     print(f"\ntotal {time.monotonic() - wall:.0f} s")

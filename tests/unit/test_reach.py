@@ -509,6 +509,19 @@ def test_chunked_scan_matches_unchunked(seed, copy_words, chunk_words):
         assert (got.waves, got.bytes_scanned) == (want.waves, want.bytes_scanned)
 
 
+@pytest.mark.parametrize("cpus, loadavg, threads", [
+    (2, "0.50 0.40 0.30 1/120 999", 2),       # only the scan runs: both CPUs
+    (2, "2.10 2.00 1.90 3/120 999", 1),       # two busy vCPU threads beside it
+    (2, "2.10 2.00 1.90 9/120 999", 1),
+    (8, "2.10 2.00 1.90 3/120 999", 4),       # at most 4
+    (8, "7.00 7.00 7.00 7/120 999", 2),
+    (8, "garbled", 4),                        # unreadable: half the CPUs
+    (1, "garbled", 1),
+])
+def test_threads_follow_idle_cpus(cpus, loadavg, threads):
+    assert reach._idle_cpus(cpus, loadavg) == threads
+
+
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("threads", [2, 3])
 def test_threads_give_the_same_scan(seed, threads):
