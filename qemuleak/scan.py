@@ -304,19 +304,62 @@ class Untracked:
     cache_names: list[str]
 
 
-def _untracked(kernel, ram: RamCopy, pages: mm.Pages, addresses, sizes, inv,
-               exclude: list[tuple[int, int]], busy, percpu_chunks) -> Untracked | None:
-    """The inventoried objects that no tracked object holds, or None when the
-    slabs cannot be read (the scan then takes all allocated RAM as roots). `inv`:
-    the snapshot's SLUB inventory, if the caller has it already. vmalloc areas
-    overlapping `exclude` (roots: module memory, task stacks) stay roots.
-    `busy`: the busy vmap areas, or None; `percpu_chunks`: the per-CPU
-    allocator's map, or None."""
+def _allocators(kernel, ram: RamCopy, inv, needed: bool):
+    """(struct pages, per-CPU chunk map, SLUB inventory) of the snapshot, each
+    None where the kernel's structures cannot be read; `needed`: the scan cannot do
+    without the struct pages (its roots come from them)."""
+    try:
+        pages = mm.Pages(kernel, ram.ranges)
+    except QemuleakError:
+        if needed:
+            raise
+        return None, None, None
+    try:
+        chunks = percpu.chunk_map(kernel)
+    except QemuleakError:
+        chunks = None
     if inv is None:
         try:
             inv = slub.inventory(kernel, ram, pages)
         except QemuleakError:
-            return None
+            inv = None
+    return pages, chunks, inv
+
+
+def _gone(kernel, pages: mm.Pages, inv, busy, chunks, addresses: np.ndarray,
+          kinds: np.ndarray) -> np.ndarray:
+    """Which tracked objects the snapshot's allocators hold free: freed while the
+    tracer was not looking (after tracing stopped, say). A slab object on its
+    slab's freelists, or whose page went back to the page allocator (a destroyed
+    cache's do); a page allocation whose page is free; a vmalloc area no busy area
+    starts at; a per-CPU area no chunk holds. `inv`, `busy`, `chunks`: None where
+    unknown (nothing of that allocator is then gone). Only what is found free
+    counts: an object where the slab's geometry puts none (KFENCE's) is kept."""
+    gone = np.zeros(len(addresses), bool)
+    linear = kernel.guest.arch.linear_offset(kernel)
+    lowmem = np.isin(kinds, [int(Kind.KMALLOC), int(Kind.CACHE), int(Kind.PAGE)])
+    if linear is not None and lowmem.any():
+        i = np.flatnonzero(lowmem)
+        va = addresses[i]
+        gpa = va - np.uint64(linear)
+        gone[i] = (pages.slab_cache(gpa) == 0) & pages.free_at(gpa)
+        if inv is not None and len(inv.free_objects):
+            gone[i] |= np.isin(va, inv.free_objects)
+    vm = kinds == int(Kind.VMALLOC)
+    if busy is not None and vm.any():
+        gone[vm] = ~np.isin(addresses[vm], np.array([a.start for a in busy], np.uint64))
+    pc = kinds == int(Kind.PERCPU)
+    if chunks is not None and pc.any():
+        gone[pc] = ~np.isin(addresses[pc], chunks.cookies())
+    return gone
+
+
+def _untracked(kernel, ram: RamCopy, pages: mm.Pages, addresses, sizes, inv,
+               exclude: list[tuple[int, int]], busy, percpu_chunks) -> Untracked:
+    """The inventoried objects that no tracked object holds. `inv`: the snapshot's
+    SLUB inventory. vmalloc areas overlapping `exclude` (roots: module memory,
+    task stacks) stay roots. `busy`: the busy vmap areas, or None;
+    `percpu_chunks`: the per-CPU allocator's map, or None."""
     areas = vmalloc.allocations(kernel, busy) if busy is not None else []
     start = np.array([a for a, _, _ in areas], np.uint64)
     size = np.array([n for _, n, _ in areas], np.int64)
@@ -471,13 +514,14 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
         spans = _kernel_roots(kernel, live)
         cpus = percpu.possible_cpus(kernel)
         busy = _busy_vmap_areas(kernel)
-        if options.untracked == "roots":
-            pages = mm.Pages(kernel, ram.ranges)
-            try:
-                chunks = percpu.chunk_map(kernel)
-            except QemuleakError:
-                chunks = None
-            untracked = _untracked(kernel, ram, pages, addresses, sizes, inventory,
+        pages, chunks, inv = _allocators(kernel, ram, inventory, options.untracked == "roots")
+        if pages is not None:
+            # what the tracer saw allocated but the allocators hold free now
+            alive = ~_gone(kernel, pages, inv, busy, chunks, addresses, kinds)
+            addresses, sizes, kinds, flags, seqs, tracked = (
+                a[alive] for a in (addresses, sizes, kinds, flags, seqs, tracked))
+        if options.untracked == "roots" and inv is not None:
+            untracked = _untracked(kernel, ram, pages, addresses, sizes, inv,
                                    [(a, n) for a, n, _ in spans] + dead, busy, chunks)
         extra = np.full(len(addresses), -1)     # index in `untracked`, per object
         if untracked is not None:

@@ -34,6 +34,7 @@ class Pages:
             if t.has_member("struct page", "compound_head") else None
         slab = "struct slab" if t.has_type("struct slab") else "struct page"
         self.cache_offset = t.offsetof(slab, "slab_cache")
+        self._free = None
 
     def field(self, pages: np.ndarray, off: int, dtype: str) -> np.ndarray:
         """One field (at byte `off`, of numpy `dtype`) of each struct page in `pages`."""
@@ -56,6 +57,20 @@ class Pages:
         """Per RAM range, a bool per page: free in the page allocator. Buddy and
         per-CPU list pages have a zero _refcount; so do the tail pages of a
         compound page, told apart by compound_head bit 0."""
+        if self._free is None:
+            self._free = self._find_free()
+        return self._free
+
+    def free_at(self, gpas: np.ndarray) -> np.ndarray:
+        """Whether the page of each guest-physical address is free (False outside RAM)."""
+        gpas = np.asarray(gpas, np.uint64)
+        out = np.zeros(len(gpas), bool)
+        for r, free in zip(self.ranges, self.free()):
+            inside = (gpas >= np.uint64(r.gpa)) & (gpas < np.uint64(r.end))
+            out[inside] = free[((gpas[inside] - np.uint64(r.gpa)) // np.uint64(PAGE)).astype(np.int64)]
+        return out
+
+    def _find_free(self) -> list[np.ndarray]:
         out = []
         for pages in self.raw:
             free = self.field(pages, self.ref_offset, "<i4") == 0

@@ -148,6 +148,7 @@ class Inventory:
     free: np.ndarray                   # per cache: free objects found
     partial_free: np.ndarray           # per cache: free objects of slabs on node partial lists
     broken: list[str] = field(default_factory=list)
+    free_objects: np.ndarray = field(default=None, repr=False)   # uint64, in address order
 
     @property
     def sizes(self) -> np.ndarray:
@@ -391,7 +392,8 @@ def inventory(kernel, ram, pages: mm.Pages | None = None) -> Inventory:
     return Inventory(cache_list, objects[allocated], cache[allocated], masks, slots,
                      np.bincount(cache[~allocated], minlength=len(cache_list)),
                      _partial_free(kernel, memory, cache_list, slabs),
-                     sorted({cache_list[int(slabs.cache[s])].name for s in broken.tolist()}))
+                     sorted({cache_list[int(slabs.cache[s])].name for s in broken.tolist()}),
+                     objects[~allocated])
 
 
 def _slots(n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
