@@ -7,8 +7,9 @@ how fast its RAM is copied, and how fast the copy is scanned after it resumed.
 
 For each --memory size, boots the test guest (2 vCPUs, TCG, shared-RAM memfd) with
 the leaky module loaded and allocstorm running without end (a busy kernel), traces
-its allocations for --trace-seconds, lets it run again (with --idle: unloads
-allocstorm, so the guest idles), then freezes and scans it --scans times with the default options (untracked="roots": all of untracked RAM
+its allocations for --trace-seconds, lets it run again (with --idle: leaky without
+its spinning kthread, allocstorm unloaded after tracing, so the guest idles), then
+freezes and scans it --scans times with the default options (untracked="roots": all of untracked RAM
 is a root) and once with untracked="ignore" (kmemleak's own roots only).
 
 Per scan: paused_s (the guest stood still: stop, registers, RAM copy, resume),
@@ -88,7 +89,7 @@ def one_scan(kernel, table, guest, symbolizer, tracer, options: Options) -> Run:
 
 def bench_size(image, arch: str, memory_mib: int, scans: int, trace_seconds: float,
                tmp: Path, save_to: Path | None = None, idle: bool = False) -> SizeResult:
-    with busy_guest(image, arch, memory_mib, tmp) as vm:
+    with busy_guest(image, arch, memory_mib, tmp, spinner=not idle) as vm:
         with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
             kernel = Kernel.open(guest, system_map=image.system_map)
             table = ObjectTable()
@@ -174,7 +175,8 @@ def main() -> int:
     ap.add_argument("--scans", type=int, default=3, help="untracked=roots scans per size")
     ap.add_argument("--trace-seconds", type=float, default=5.0)
     ap.add_argument("--idle", action="store_true",
-                    help="stop allocstorm after tracing: scan an idle guest")
+                    help="no spinning kthread, allocstorm unloaded after tracing: "
+                         "scan an idle guest")
     ap.add_argument("--save", type=Path, metavar="DIR",
                     help="also save a snapshot per size under DIR for tools/replay_scan.py")
     args = ap.parse_args()
@@ -183,7 +185,8 @@ def main() -> int:
                "--memory", *map(str, args.memory), "--scans", str(args.scans),
                "--trace-seconds", f"{args.trace_seconds:g}", *(["--idle"] if args.idle else [])]
     print(f"reproduce: cd {shlex.quote(os.getcwd())} && {shlex.join(command)}")
-    storm = "allocstorm stopped after tracing (idle)" if args.idle else "allocstorm running"
+    storm = ("allocstorm unloaded after tracing and no spinner (idle)" if args.idle
+             else "allocstorm running")
     print(f"guest: {args.arch}, 2 vCPUs, TCG, leaky loaded, {storm}; host: "
           f"{os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f} at start", flush=True)
     image = find_image(args.arch)
