@@ -3,7 +3,7 @@
 the scanner without booting anything.
 
     .venv/bin/python tools/bench_scan.py --memory 512 --save /tmp/snap512
-    .venv/bin/python tools/replay_scan.py /tmp/snap512 [--scans 5] [--profile]
+    .venv/bin/python tools/replay_scan.py /tmp/snap512 [--scans 5] [--profile] [--threads N]
 
 `bench_scan.py --save DIR` writes the RAM copy (ram.npy), the registers, the
 object table and what the guest looked like (state.pkl) of its last scan. Here a
@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qemuleak import reach  # noqa: E402
 from qemuleak.arch import get_arch  # noqa: E402
 from qemuleak.guest import Guest  # noqa: E402
 from qemuleak.kernel.kernel import Kernel  # noqa: E402
@@ -63,7 +64,10 @@ def main() -> int:
     ap.add_argument("directory", type=Path)
     ap.add_argument("--scans", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of the reach step (default: the CPUs idle at each scan)")
     args = ap.parse_args()
+    reach.THREADS = args.threads
     with open(args.directory / "state.pkl", "rb") as f:
         state = pickle.load(f)
     ram = np.load(args.directory / "ram.npy")
