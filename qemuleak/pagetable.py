@@ -91,9 +91,6 @@ class PageTables:
                 a.tolist() for a in self.fmt.decode(self._table(pa), shift))
         return d
 
-    def _index_bits(self, va: int) -> int:
-        return va & self._index_mask
-
     def translate(self, va: int) -> int:
         """Guest-physical address of `va`; GuestMemoryError if it is not mapped."""
         page = self._pages.get(va >> 12)          # the fastest path: this page before

@@ -172,7 +172,7 @@ class _Cluster:
         d = w - self.base
         if self.used is None:
             sel = (d < self.span).nonzero()[0]
-            hit, obj = m.check(w.take(sel), m.search(w.take(sel)))
+            hit, obj = m.bisect(w.take(sel))
             return sel.take(hit), obj
         # most words point to pages without objects: a byte a page tells, and is
         # more likely in cache than the page table (words beyond the cluster read the
@@ -180,7 +180,7 @@ class _Cluster:
         page = (d >> U64(12)).view(np.int64)
         sel = self.used.take(page, mode="clip").nonzero()[0]
         if not len(sel) or self.page is None:
-            hit, obj = m.check(w.take(sel), m.search(w.take(sel)))
+            hit, obj = m.bisect(w.take(sel))
             return sel.take(hit), obj
         w = w.take(sel)
         entry = self.page.take(page.take(sel))
@@ -194,8 +194,7 @@ class _Cluster:
         if self.search:
             redo = (size == _SEARCH).nonzero()[0]      # their records name no object
             if len(redo):
-                wr = w.take(redo)
-                hit, o = m.check(wr, m.search(wr))
+                hit, o = m.bisect(w.take(redo))
                 found = np.concatenate((found, sel.take(redo.take(hit))))
                 obj = np.concatenate((obj, o))
         return found, obj
@@ -246,6 +245,11 @@ class Matcher:
         k = np.empty(len(w), np.int64)
         k[order] = np.searchsorted(self.starts, w.take(order), "right")
         return k
+
+    def bisect(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(indices in `w`, object indices) of the words inside an object, by
+        binary search."""
+        return self.check(w, self.search(w))
 
     def check(self, w: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(indices in `w`, object indices) of the words inside an object, given

@@ -19,3 +19,16 @@ def list_nodes(kernel, head: int, limit: int = 1 << 20, next_of=None):
         yield node
         node = next_of(node)
         seen += 1
+
+
+class Links:
+    """list_nodes' `next_of` for nodes inside structs read whole: their next
+    pointers, noted as the structs were read (`known[node] = next`), cost no read."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.known: dict[int, int] = {}
+
+    def __call__(self, node: int) -> int:
+        known = self.known.get(node)
+        return known if known is not None else self.kernel.read_u64(node)

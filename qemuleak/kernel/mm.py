@@ -65,10 +65,18 @@ class Pages:
         """Whether the page of each guest-physical address is free (False outside RAM)."""
         gpas = np.asarray(gpas, np.uint64)
         out = np.zeros(len(gpas), bool)
-        for r, free in zip(self.ranges, self.free()):
-            inside = (gpas >= np.uint64(r.gpa)) & (gpas < np.uint64(r.end))
-            out[inside] = free[((gpas[inside] - np.uint64(r.gpa)) // np.uint64(PAGE)).astype(np.int64)]
+        free = self.free()
+        for i, inside, index in self._in_ranges(gpas):
+            out[inside] = free[i][index]
         return out
+
+    def _in_ranges(self, gpas: np.ndarray):
+        """Per RAM range holding any of `gpas`: (its index, which gpas it holds,
+        their page numbers in it)."""
+        for i, r in enumerate(self.ranges):
+            inside = (gpas >= np.uint64(r.gpa)) & (gpas < np.uint64(r.end))
+            if inside.any():
+                yield i, inside, ((gpas[inside] - np.uint64(r.gpa)) // np.uint64(PAGE)).astype(np.int64)
 
     def _find_free(self) -> list[np.ndarray]:
         out = []
@@ -84,11 +92,8 @@ class Pages:
         the page is no slab (or not RAM)."""
         gpas = np.asarray(gpas, np.uint64)
         out = np.zeros(len(gpas), np.uint64)
-        for r, pages in zip(self.ranges, self.raw):
-            inside = (gpas >= np.uint64(r.gpa)) & (gpas < np.uint64(r.end))
-            if not inside.any():
-                continue
-            index = ((gpas[inside] - np.uint64(r.gpa)) // np.uint64(PAGE)).astype(np.int64)
+        for i, inside, index in self._in_ranges(gpas):
+            r, pages = self.ranges[i], self.raw[i]
             sel = pages[index]
             tail, hidx, ok = self.heads(r, sel)
             if tail.any():                              # a tail page: ask its head

@@ -67,20 +67,21 @@ class _Memory:
         self.kernel = kernel
         self.pages: dict[int, bytes] = {}
 
+    def _page(self, base: int) -> bytes:
+        page = self.pages.get(base)
+        if page is None:
+            page = self.pages[base] = self.kernel.read(base, PAGE_MASK + 1)
+        return page
+
     def read(self, va: int, size: int) -> bytes:
         at = va & PAGE_MASK
         if 0 < size <= PAGE_MASK + 1 - at:          # most reads: inside one page
-            page = self.pages.get(va - at)
-            if page is None:
-                page = self.pages[va - at] = self.kernel.read(va - at, PAGE_MASK + 1)
-            return page[at:at + size]
+            return self._page(va - at)[at:at + size]
         parts = []
         while size > 0:
-            page, at = va & ~PAGE_MASK, va & PAGE_MASK
-            if page not in self.pages:
-                self.pages[page] = self.kernel.read(page, PAGE_MASK + 1)
+            at = va & PAGE_MASK
             n = min(size, PAGE_MASK + 1 - at)
-            parts.append(self.pages[page][at:at + n])
+            parts.append(self._page(va - at)[at:at + n])
             va, size = va + n, size - n
         return b"".join(parts)
 

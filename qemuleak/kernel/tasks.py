@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from itertools import chain
 
 from ..errors import KernelTypeError, QemuleakError
-from .lists import list_nodes
+from .lists import Links, list_nodes
 
 # Per-CPU variables that point at the running task, by what the kernel has:
 # x86_64 `current_task` (moved into `pcpu_hot` in 6.2), arm64 `__entry_task`.
@@ -105,21 +105,18 @@ def threads(kernel, limit: int = 1 << 20):
     lo = min(o for o, _ in fields.values())
     hi = max(o + n for o, n in fields.values())
     read: dict[int, tuple[Thread, dict[str, bytes]]] = {}
-    nexts: dict[int, int] = {}            # list node -> its next, from the tasks read
+    next_of = Links(kernel)
 
     def thread(address: int) -> tuple[Thread, dict[str, bytes]]:
         if address not in read:
             raw = kernel.read(address + lo, hi - lo)
             f = {name: raw[o - lo:o - lo + n] for name, (o, n) in fields.items()}
-            nexts[address + tasks_off] = _u64(f["tasks"])
-            nexts[address + node_off] = _u64(f["node"])
+            next_of.known[address + tasks_off] = _u64(f["tasks"])
+            next_of.known[address + node_off] = _u64(f["node"])
             read[address] = (Thread(_task(address, f["comm"], f["pid"]), _u64(f["stack"]),
                                     _u64(f["sp"]) if "sp" in f else None), f)
         return read[address]
 
-    def next_of(node: int) -> int:
-        known = nexts.get(node)
-        return known if known is not None else kernel.read_u64(node)
     init = kernel.sym("init_task")
     leaders = chain([init], (node - tasks_off
                              for node in list_nodes(kernel, init + tasks_off, limit, next_of)))

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from ..errors import KernelTypeError
-from .lists import list_nodes
+from .lists import Links, list_nodes
 
 
 @dataclass(frozen=True)
@@ -65,18 +65,14 @@ def for_each_vmap_area(kernel, limit: int = 1 << 20) -> list[VmapArea]:
     size = max(start_off, end_off, vm_off, list_off) + 8
     vm_lo = min(caller_off, flags_off)
     vm_size = max(caller_off, flags_off) + 8 - vm_lo
-    nexts: dict[int, int] = {}
-
-    def next_of(node: int) -> int:
-        known = nexts.pop(node, None)
-        return known if known is not None else kernel.read_u64(node)
+    next_of = Links(kernel)
     out = []
     for head in heads:
         for node in list_nodes(kernel, head, limit, next_of):
             va = node - list_off
             raw = kernel.read(va, size)
             word = lambda off: int.from_bytes(raw[off:off + 8], "little")   # noqa: E731
-            nexts[node] = word(list_off)
+            next_of.known[node] = word(list_off)
             vm = word(vm_off)
             # `vm` shares a union with subtree_max_size: only a kernel pointer is a vm
             caller = flags = 0
