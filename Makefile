@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 ARCHES ?= all
+SERIES ?= all
 
-.PHONY: setup host venv images images-x86_64 demo test unit bench clean
+.PHONY: setup host venv images images-x86_64 demo test lint unit bench clean
 
 setup: host venv images
 
@@ -23,16 +24,20 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 images: host venv
-	@$(PY) images/build.py --arch $(ARCHES)
+	@$(PY) images/build.py --arch $(ARCHES) --series $(SERIES)
 
 images-x86_64: host venv
-	@$(PY) images/build.py --arch x86_64
+	@$(PY) images/build.py --arch x86_64 --series 6.1
 
 demo: images-x86_64
 	@$(PY) tools/demo.py
 
-test: setup
+test: setup lint
 	@$(PY) -m pytest -q
+
+# undefined names and unused imports fail the build
+lint: venv
+	@$(PY) -m pyflakes qemuleak tools tests images
 
 unit: venv
 	@$(PY) -m pytest -q tests/unit

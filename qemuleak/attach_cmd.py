@@ -73,7 +73,7 @@ def _loop(session: Session, server, interval: float, out, status: Status) -> Non
     requests: list = []
     next_scan = time.monotonic() + interval if interval > 0 else float("inf")
     last_poll = 0.0
-    status.say(f"tracing {len(tracer.probes)} allocator functions; "
+    status.say(f"{session.describe()}; "
                + (f"scanning every {interval:g} s; " if interval > 0 else "")
                + "Ctrl-C for a final scan and detach")
 

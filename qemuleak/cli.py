@@ -192,6 +192,12 @@ def add_report_args(p, untracked: bool = True) -> None:
                         "age; the backtrace is vmalloc's caller or unknown)")
     if not untracked:
         return
+    p.add_argument("--provenance", choices=("auto", "tracks", "breakpoints"), default="auto",
+                   help="where each object's comm, pid, age and backtrace come from: SLUB's "
+                        "allocation tracks (slub_debug=U; breakpoints only on large kmalloc, "
+                        "vmalloc, per-CPU and module loads: the guest runs at nearly full "
+                        "speed) or breakpoints on every allocation and free; auto (default): "
+                        "tracks when the guest keeps them")
     p.add_argument("--untracked", choices=("roots", "ignore"), default="roots",
                    help="memory allocated before tracing began: 'roots' (default) treats "
                         "it as roots, so nothing it points to is reported; 'ignore' scans "
@@ -221,7 +227,8 @@ def report_options(args):
     return ReportOptions(args.format, args.output,
                          Suppressions.load(args.suppressions) if args.suppressions else None,
                          args.module_filter, args.min_age, args.stack == "on",
-                         getattr(args, "untracked", "roots"), args.all_objects)
+                         getattr(args, "untracked", "roots"), args.all_objects,
+                         getattr(args, "provenance", "auto"))
 
 
 def cmd_attach(args) -> int:

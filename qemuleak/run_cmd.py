@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import initramfs
+from . import initramfs, provenance
 from .errors import GuestConnectionError, LaunchError, QemuleakError
 from .guest import Guest
 from .images import find_image
@@ -86,7 +86,8 @@ def run(opts: RunOptions, report: ReportOptions, out=sys.stdout, err=sys.stderr)
         files = {"bin/qemuleak-scan": SCAN_SCRIPT.encode(),
                  "qemuleak/run.sh": opts.commands.encode(),
                  **initramfs.module_files([Path(m) for m in opts.modules])}
-        config = VMConfig(kernel=kernel, arch=opts.arch, initrd=initrd, append=opts.append,
+        config = VMConfig(kernel=kernel, arch=opts.arch, initrd=initrd,
+                          append=boot_append(opts.append, report.provenance),
                           memory_mib=opts.memory_mib, smp=opts.smp, accel=opts.accel)
         if opts.drive is None:       # the files ride in the initramfs...
             config.initrd = initramfs.compose(initrd, Path(tmp) / "initrd", files, EXECUTABLES)
@@ -104,6 +105,15 @@ def run(opts: RunOptions, report: ReportOptions, out=sys.stdout, err=sys.stderr)
             if opts.console is not None:
                 Path(opts.console).write_text(vm.console_text() if vm.proc else "")
             vm.shutdown()
+
+
+def boot_append(append: str, provenance_mode: str) -> str:
+    """The kernel command line: the user's, plus allocation tracks on the kmalloc
+    caches (provenance.RUN_SLUB_DEBUG) unless it sets slub_debug itself or
+    breakpoints were asked for."""
+    if provenance_mode == "breakpoints" or re.search(r"(^|\s)slub_debug(=|\s|$)", append):
+        return append
+    return f"{append} {provenance.RUN_SLUB_DEBUG}".strip()
 
 
 def _guest_files(opts: RunOptions) -> tuple[Path, Path | None, dict]:
@@ -165,7 +175,7 @@ def _wait_for_shell(vm: VM, deadline: float) -> None:
         n += 1
         vm.send_line(f"echo qemuleak-shell-{n}$((6*7))")
         try:
-            vm.wait_for_line(re.compile(rf"^qemuleak-shell-\d+42\s*$", re.M), timeout=2.0)
+            vm.wait_for_line(re.compile(r"^qemuleak-shell-\d+42\s*$", re.M), timeout=2.0)
             return
         except LaunchError:
             _check_panic(vm)            # raises, saying why, if the guest died
@@ -212,8 +222,7 @@ def _workload(vm: VM, session: Session, deadline: float, err) -> int:
     """Trace while the script runs; scan at each request and at the end. The
     script's exit status."""
     tracer = session.tracer
-    print(f"qemuleak: tracing {len(tracer.probes)} allocator functions; running the "
-          f"guest commands", file=err, flush=True)
+    print(f"qemuleak: {session.describe()}; running the guest commands", file=err, flush=True)
     seen = len(vm.console_text())
     events: list[re.Match] = []
     last_check = last_status = 0.0

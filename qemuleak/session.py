@@ -16,13 +16,14 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import report
+from . import provenance, report
+from .errors import QemuleakError
 from .formats import render
 from .kernel.modules import Symbolizer
 from .objects import Flags, ObjectTable
 from .scan import Options, Result, frames, scan
 from .snapshot import freeze
-from .tracer import Tracer
+from .tracer import PROBES, Tracer
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ReportOptions:
     stack: bool = True
     untracked: str = "roots"
     all_objects: bool = False            # report objects from before tracing too
+    provenance: str = "auto"             # see provenance.MODES
 
 
 class Session:
@@ -51,7 +53,12 @@ class Session:
         self.out = out
         self.table = ObjectTable()
         self.symbolizer = Symbolizer(kernel, debug_files=debug_files)
-        self.tracer = Tracer(kernel, self.table, **unwinding(kernel, self.symbolizer))
+        self.provenance = provenance.choose(kernel, self.options.provenance)
+        tracks = self.provenance == "tracks"
+        self.tracer = Tracer(kernel, self.table, provenance.tracks_probes() if tracks else PROBES,
+                             **unwinding(kernel, self.symbolizer))
+        self.sync = provenance.TrackSync(kernel, self.table, self.tracer.comms,
+                                         self.tracer.resized) if tracks else None
         self.reporter = report.Reporter()
         self.scans: list[report.Scan] = []
         self.last: Result | None = None
@@ -62,9 +69,11 @@ class Session:
         output file (if any) is rewritten with every scan so far."""
         self.symbolizer.refresh()
         o = self.options
-        result = scan(self.kernel, self.table, freeze(self.guest),
+        snapshot = freeze(self.guest)
+        inventory = self.sync(snapshot) if self.sync is not None else None
+        result = scan(self.kernel, self.table, snapshot,
                       Options(o.stack, o.untracked, o.all_objects),
-                      self.symbolizer, self.tracer.freed)
+                      self.symbolizer, self.tracer.freed, inventory)
         self.last = result
         leaks, suppressed = report.filter_leaks(result.leaks, suppressions=o.suppressions,
                                                 module=o.module_filter, min_age=o.min_age)
@@ -116,8 +125,15 @@ class Session:
         if self.scans:
             ago = time.time() - self.scans[-1].time
             last = f"last scan {ago:.0f} s ago"
-        return (f"{len(self.table)} objects tracked, {s.allocs / elapsed:.0f} allocs/s, "
+        objects = f"{len(self.table)} objects tracked"
+        if self.sync is not None:        # slab objects are counted at each scan
+            objects += " (slab objects as of the last scan)"
+        return (f"{objects}, {s.allocs / elapsed:.0f} allocs/s, "
                 f"{s.frees / elapsed:.0f} frees/s, {last}, {self.leaks_reported} leaks")
+
+    def describe(self) -> str:
+        """The start-up line: where provenance comes from."""
+        return provenance.describe(self.provenance, self.kernel, len(self.tracer.probes))
 
 
 def unwinding(kernel, symbolizer: Symbolizer | None = None) -> dict:

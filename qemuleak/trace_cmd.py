@@ -23,8 +23,8 @@ def run_trace(target: str, duration: float, vmlinux=None, system_map=None,
         deadline = time.monotonic() + duration if duration > 0 else float("inf")
         interrupted = False
         last = 0.0
-        print(f"qemuleak: tracing {len(tracer.probes)} allocator functions on "
-              f"{guest.arch.name} ({kernel.banner.split()[2]}); Ctrl-C to stop",
+        print(f"qemuleak: {guest.arch.name} ({kernel.banner.split()[2]}), "
+              f"{session.describe()}; Ctrl-C to stop",
               file=sys.stderr, flush=True)
 
         def until() -> bool:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import GuestConnectionError, QemuleakError
+from .kernel import slub, tasks
 from .objects import Flags, Kind
 
 STACK_COPY = 4096        # bytes of kernel stack saved per allocation
@@ -40,12 +41,14 @@ class Probe:
     """A traced function: which argument is what."""
 
     name: str
-    role: str                       # "alloc", "alloc_bulk", "realloc", "free", "free_bulk", "module"
+    role: str                       # "alloc", "alloc_bulk", "realloc", "free", "free_bulk",
+                                    # "module", "cache_create"
     kind: str = "kmalloc"           # what it allocates: kmalloc, cache, vmalloc, page
     size_arg: int | None = None
     cache_arg: int | None = None    # kmem_cache *: size is its object_size
     ptr_arg: int | None = None      # free: the object
     count_arg: int | None = None    # free_bulk: how many, and ptr_arg the array
+    flags_arg: int | None = None    # cache_create: the new cache's slab_flags_t
 
 
 # The 6.1 allocation API; the tracer breaks on those the guest's symbols have.
@@ -68,6 +71,24 @@ PROBES = (
     # one that keeps the pointer changes only the object's size.
     Probe("krealloc", "realloc", size_arg=1, ptr_arg=0),
     Probe("pcpu_alloc", "alloc", "percpu", size_arg=0),     # returns a per-CPU pointer
+    # 6.10 (memory allocation profiling: alloc_hooks() wrappers) renamed the allocators
+    # *_noprof; 6.11 renamed kmalloc_trace __kmalloc_cache_noprof. As in 6.12's mm/slub.c.
+    # Not __kmalloc_large_node_noprof: __kmalloc_noprof, __kmalloc_node_noprof and
+    # __kmalloc_node_track_caller_noprof call it for sizes above 8 KiB (only an inline
+    # kmalloc_node() of a constant large size calls it directly: missed).
+    Probe("__kmalloc_noprof", "alloc", size_arg=0),
+    Probe("__kmalloc_node_noprof", "alloc", size_arg=0),      # (size[, buckets], flags, node)
+    Probe("__kmalloc_node_track_caller_noprof", "alloc", size_arg=0),
+    Probe("__kmalloc_cache_noprof", "alloc", size_arg=2),     # (cache, flags, size)
+    Probe("__kmalloc_cache_node_noprof", "alloc", size_arg=3),   # (cache, flags, node, size)
+    Probe("__kmalloc_large_noprof", "alloc", "page", size_arg=0),
+    Probe("kmem_cache_alloc_noprof", "alloc", "cache", cache_arg=0),
+    Probe("kmem_cache_alloc_lru_noprof", "alloc", "cache", cache_arg=0),
+    Probe("kmem_cache_alloc_node_noprof", "alloc", "cache", cache_arg=0),
+    Probe("kmem_cache_alloc_bulk_noprof", "alloc_bulk", "cache", cache_arg=0, ptr_arg=3),
+    Probe("__vmalloc_node_range_noprof", "alloc", "vmalloc", size_arg=0),
+    Probe("krealloc_noprof", "realloc", size_arg=1, ptr_arg=0),  # calls ..._track_caller_noprof
+    Probe("pcpu_alloc_noprof", "alloc", "percpu", size_arg=0),
     Probe("kfree", "free", ptr_arg=0),
     Probe("kmem_cache_free", "free", ptr_arg=1),
     Probe("vfree", "free", ptr_arg=0),
@@ -123,6 +144,8 @@ class Tracer:
         self.rsp = kernel.guest.rsp
         self.arch = kernel.guest.arch
         self.table = table
+        self.comms: dict[int, str] = {}      # pid -> comm of every task seen at a stop
+        self.resized: dict[int, int] = {}    # grown in place, not in the table: size
         self.stats = Stats()
         # Breakpoints sit on the ftrace NOP near each function's start: at a stop
         # the PC is moved past it, so the guest resumes with no single-step.
@@ -161,6 +184,8 @@ class Tracer:
         self._jiffies = kernel.symbols.get("jiffies")
         self._preempt = self._preempt_count_reader()
         self.kind = self.arch.breakpoint_kind
+        self.store_user = slub.SLAB_STORE_USER
+        self._core_text = (kernel.symbols.get("_stext") or 0, kernel.symbols.get("_etext") or 0)
 
     # -- breakpoints -------------------------------------------------------
     def start(self) -> None:
@@ -210,7 +235,10 @@ class Tracer:
                 self._free(regs[self.arch.arg_regs[probe.ptr_arg]])
             elif probe.role == "free_bulk":
                 self._free_bulk(probe, regs)
+            elif probe.role == "cache_create":
+                self._cache_create(probe, cpu, regs, stop.thread)
             else:
+                self._who(cpu, regs)              # the loader's comm, for its objects
                 self.unwind_pending()
                 self.on_module_load()
             self._write_pc(stop.thread, pc + self._nop_length[pc])
@@ -294,8 +322,9 @@ class Tracer:
             return                                 # a call we did not see enter
         address = regs[self.arch.return_reg]
         if entry.probe.role == "realloc":
-            if address == entry.old and entry.size:
-                self.table.move(address, address, entry.size)
+            if address == entry.old and entry.size and \
+                    self.table.move(address, address, entry.size) is None:
+                self.resized[address] = entry.size     # for provenance.TrackSync
             return
         addresses = [address]
         if entry.probe.role == "alloc_bulk":       # the result is a count
@@ -346,23 +375,30 @@ class Tracer:
         task = self._current(cpu, regs)
         raw = self.guest.read(task + self._comm_off, 16)
         pid = int.from_bytes(self.guest.read(task + self._pid_off, 4), "little", signed=True)
-        return raw.split(b"\0", 1)[0].decode("utf-8", "replace"), pid, 0
+        comm = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+        self.comms[pid] = comm
+        return comm, pid, 0
+
+    def _cache_create(self, probe: Probe, cpu: int, regs: dict, thread) -> None:
+        """A module creates a slab cache: make it keep allocation tracks, as
+        slub_debug=U would (SLUB then never merges it with another cache). Only
+        done when the kernel's own caches keep them (tracks mode)."""
+        site, _ = self.arch.return_site(regs, self.guest.read_u64)
+        if self._core_text[0] <= site < self._core_text[1]:
+            return
+        reg = self.arch.arg_regs[probe.flags_arg]
+        flags = regs[reg]
+        if not flags & self.store_user:
+            self.guest.write_register(reg, flags | self.store_user, thread)
 
     def _current(self, cpu: int, regs: dict) -> int:
-        task = self.arch.current_task(regs)
-        if task is not None:
-            return task
-        base = self.arch.percpu_base(regs)
-        return self.guest.read_u64(base + self._current_var)
+        return tasks.current_task(self.kernel, cpu, regs)
 
     def _preempt_count_reader(self):
         """How to read the preempt count at a stop: per-CPU (x86) or in
         current's thread_info (arm64), whichever the kernel has."""
         sym = self.kernel.symbols
         t = self.kernel.types
-        # A per-CPU variable lives at its link address plus the CPU's offset.
-        self._current_var = next((sym.get(n) for n in ("current_task", "__entry_task")
-                                  if sym.get(n) is not None), None)
         count = sym.get("__preempt_count")
         if count is not None:
             return lambda cpu, regs: self.kernel.read_u32(self.arch.percpu_base(regs) + count)

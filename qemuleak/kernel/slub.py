@@ -23,6 +23,7 @@ from .lists import list_nodes
 
 U64 = np.uint64
 SLAB_STORE_USER = 0x00010000
+SLAB_KMALLOC = 0x00001000
 MASK = 2**64 - 1
 PAGE_MASK = 4095
 
@@ -42,15 +43,22 @@ class Cache:
     nodes: tuple[int, ...]     # its kmem_cache_node of each NUMA node
     flags: int = 0             # slab_flags_t
     inuse: int = 0             # where the metadata after an object starts
+    store_user: int = SLAB_STORE_USER   # this kernel's SLAB_STORE_USER (see slab_flag)
 
     @property
     def tracks(self) -> int | None:
         """Offset from an object to its allocation `struct track`, None unless the
         cache stores them (SLAB_STORE_USER: boot with slub_debug=U)."""
-        if not self.flags & SLAB_STORE_USER:
+        if not self.flags & self.store_user:
             return None
         outside = self.offset >= self.inuse          # the free pointer sits after the object
         return self.inuse + 8 if outside else self.inuse
+
+    @property
+    def keeps_requested_size(self) -> bool:
+        """A kmalloc cache with tracks stores the size kmalloc was asked for after
+        its two tracks (6.1: "mm/slub: store kmalloc's original request size")."""
+        return self.tracks is not None and bool(self.flags & SLAB_KMALLOC)
 
 
 def _word(raw: bytes, at: int = 0, width: int = 8) -> int:
@@ -89,6 +97,23 @@ class _Memory:
         return _word(self.read(va, 8))
 
 
+def slab_flag(kernel, name: str) -> int:
+    """The value of slab flag `name` ("SLAB_STORE_USER", "SLAB_KMALLOC") in this
+    kernel. 6.9 ("mm, slab: use an enum to define SLAB_ cache creation flags")
+    renumbered them: their bit numbers are the enumerators `_<name>` of
+    `enum _slab_flag_bits`; before, they are the fixed values of <linux/slab.h>."""
+    def compute() -> int:
+        value = kernel.types.enumerator("enum _slab_flag_bits", "_" + name) \
+            if kernel.types.has_type("enum _slab_flag_bits") else None
+        if value is not None:
+            return 1 << value
+        return _OLD_SLAB_FLAGS[name]
+    return kernel.types._cached(("slab_flag", name), compute)
+
+
+_OLD_SLAB_FLAGS = {"SLAB_STORE_USER": SLAB_STORE_USER, "SLAB_KMALLOC": 0x00001000}
+
+
 def caches(kernel, memory: _Memory | None = None) -> list[Cache]:
     """Every cache on the `slab_caches` list (read through `memory` when given)."""
     t = kernel.types
@@ -104,6 +129,7 @@ def caches(kernel, memory: _Memory | None = None) -> list[Cache]:
     ids = kernel.symbols.get("nr_node_ids")
     nodes = kernel.read_u32(ids) if ids is not None else 1
     memory = memory or _Memory(kernel)
+    store_user = slab_flag(kernel, "SLAB_STORE_USER")
     ends = [o + 8 for o in off.values()] + [off["node"] + 8 * nodes]
     ends += [random + 8] if random is not None else []
     ends += [red + 4] if red is not None else []
@@ -118,7 +144,7 @@ def caches(kernel, memory: _Memory | None = None) -> list[Cache]:
             _word(raw, random) if random is not None else None,
             _word(raw, red, 4) if red is not None else 0, _word(raw, off["cpu_slab"]),
             tuple(n for n in (_word(raw, off["node"] + 8 * i) for i in range(nodes)) if n),
-            _word(raw, off["flags"], 4), _word(raw, off["inuse"], 4)))
+            _word(raw, off["flags"], 4), _word(raw, off["inuse"], 4), store_user))
     return out
 
 
@@ -444,3 +470,22 @@ def alloc_tracks(kernel, ram, inv: Inventory) -> Tracks:
     return Tracks(stored & (word(off["addr"]) != 0), word(off["addr"]), word(handle, 32),
                   word(off["cpu"], 32).astype(np.int64), word(off["pid"], 32).astype(np.int64),
                   word(off["when"]))
+
+
+def requested_sizes(kernel, ram, inv: Inventory) -> np.ndarray:
+    """Each object's size as its allocator was asked: the stored request of a
+    kmalloc cache that keeps one (see Cache.keeps_requested_size), else the
+    cache's object_size. A stored value out of (0, object_size] is not trusted."""
+    sizes = inv.sizes
+    where = np.array([c.tracks + 2 * kernel.types.sizeof("struct track")
+                      if c.keeps_requested_size else -1 for c in inv.caches], np.int64)[inv.cache]
+    kept = where >= 0
+    if not kept.any():
+        return sizes
+    reader = _Reader(ram, kernel.guest.arch.linear_offset(kernel))
+    values, ok = reader.u64(inv.addresses[kept] + where[kept].astype(U64))
+    stored = (values & U64(0xFFFFFFFF)).astype(np.int64)
+    good = ok & (stored > 0) & (stored <= sizes[kept])
+    out = sizes.copy()
+    out[np.flatnonzero(kept)[good]] = stored[good]
+    return out

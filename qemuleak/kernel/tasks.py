@@ -18,11 +18,12 @@ class Task:
     pid: int
 
 
-def current_task(kernel, cpu: int) -> int:
-    """Address of the task_struct running on `cpu`."""
+def current_task(kernel, cpu: int, regs: dict | None = None) -> int:
+    """Address of the task_struct running on `cpu` (whose registers are `regs`,
+    when the caller has them already)."""
     # A register is exact except right on a kernel entry path, where it may
     # still hold a user value: trust it only if it reads like a task.
-    in_reg = kernel.guest.arch.current_task(kernel.guest.registers(cpu))
+    in_reg = kernel.guest.arch.current_task(regs if regs is not None else kernel.guest.registers(cpu))
     if in_reg is not None and _looks_like_task(kernel, in_reg):
         return in_reg
     for name in _CURRENT_VARS:

@@ -2,7 +2,6 @@
 objects, the launcher's gdbstub, shared RAM and shutdown behave."""
 
 import mmap
-import os
 import re
 import socket
 

@@ -119,7 +119,8 @@ def test_run_drive_puts_the_files_on_a_second_disk(booted, tmp_path):
     seen = booted("--drive", rootfs, "-c", "insmod /modules/mymod.ko; qemuleak-scan x")
     config, argv = seen["config"], seen["argv"]
     assert config.drive == rootfs and config.initrd is None and "-initrd" not in argv
-    assert argv[argv.index("-append") + 1].endswith(" root=/dev/vda rw")
+    cmdline = argv[argv.index("-append") + 1]
+    assert " root=/dev/vda rw" in cmdline and "slub_debug=U,kmalloc-*" in cmdline
     drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
     assert drives == [f"file={rootfs},format=raw,if=virtio,snapshot=on",
                       f"file={config.ro_drives[0]},format=raw,if=virtio,readonly=on"]
@@ -199,3 +200,16 @@ def test_run_types_on_a_pl011_console_only_once_init_runs(tmp_path, monkeypatch,
     run_cmd._wait_for_shell(vm, deadline=start + 10)
     assert len(sent) == 1
     assert first_probe_after <= sent[0] - start < first_probe_after + 0.4
+
+
+@pytest.mark.parametrize("append, provenance, expect", [
+    ("", "auto", "slub_debug=U,kmalloc-*"),
+    ("quiet", "tracks", "quiet slub_debug=U,kmalloc-*"),
+    ("slub_debug=U", "auto", "slub_debug=U"),              # the user's setting wins
+    ("a slub_debug b", "auto", "a slub_debug b"),
+    ("quiet", "breakpoints", "quiet"),
+    ("xslub_debug=1", "auto", "xslub_debug=1 slub_debug=U,kmalloc-*"),
+])
+def test_run_boots_with_allocation_tracks_unless_told(append, provenance, expect):
+    from qemuleak.run_cmd import boot_append
+    assert boot_append(append, provenance) == expect

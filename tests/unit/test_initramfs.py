@@ -1,6 +1,5 @@
 """The initramfs composer writes archives the real cpio tool (and the kernel) read."""
 
-import gzip
 import os
 import shutil
 import subprocess

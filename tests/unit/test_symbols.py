@@ -152,7 +152,7 @@ def test_important_symbols(kernel):
         address = kernel.smap.address_of(name)
         assert kernel.vml.address_of(name) == address, name
         assert (name, address) in lines, name
-    s, v = kernel.smap.address_of, kernel.vml.address_of
+    s = kernel.smap.address_of
     assert s("_text") <= s("_stext") < s("__start_ro_after_init") < s("__end_ro_after_init")
     assert s("_sdata") < s("_edata") <= s("__bss_start") < s("__bss_stop") <= s("_end")
     assert s("__start_BTF") < s("__stop_BTF") and s("__per_cpu_start") < s("__per_cpu_end")

@@ -90,7 +90,7 @@ def sample_writer() -> BtfWriter:
     w = BtfWriter()
     u32 = w.int("unsigned int", 4)                          # 1
     long_ = w.int("long int", 8, signed=True)               # 2
-    ulong = w.int("long unsigned int", 8)                   # 3
+    w.int("long unsigned int", 8)                           # 3
     char = w.int("char", 1, signed=True)                    # 4
     list_head = w.add(BtfKind.STRUCT, "list_head")          # 5, filled below
     lh_ptr = w.ref(BtfKind.PTR, list_head)                  # 6
