@@ -4,10 +4,12 @@ config, busybox initramfs base, our test modules, and a disk-root guest (a busyb
 rootfs.ext2 made with mke2fs -d, no root rights needed, and a loader initrd with the
 kernel's own virtio_blk module and what it depends on), per architecture.
 
-    python images/build.py [--arch x86_64|arm64|all] [--force]
+    python images/build.py [--arch x86_64|arm64|all] [--series 6.1|6.12|all] [--force]
 
-The kernel ABI is resolved from the linux-image-cloud-<arch> metapackage (it changes
-with every security update). Everything comes from Debian's archive through apt;
+Kernel series (qemuleak.images.SERIES): 6.1 is Debian 12's own cloud kernel (the
+default guest), 6.12 its LTS backport (linux-image-6.12-cloud-<arch>). The kernel ABI
+of each is resolved from the series' metapackage (it changes with every security
+update). Everything comes from Debian's archive through apt;
 headers are unpacked into the cache (not installed), so the arm64 ones can be used
 with the cross compiler without pulling arm64 gcc into the host. Each step is
 skipped when its output is already there: a second run takes seconds.
@@ -29,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from qemuleak.arch import Arch, all_arches, get_arch  # noqa: E402
-from qemuleak.images import GuestImage, arch_dir, cache_root, write_manifest  # noqa: E402
+from qemuleak.images import (DEFAULT_SERIES, SERIES, GuestImage, arch_dir, cache_root,  # noqa: E402
+                             current_file, write_manifest)
 from qemuleak import initramfs  # noqa: E402
 from qemuleak.initramfs import build_base  # noqa: E402
 
@@ -63,9 +66,9 @@ def pkg(name: str, arch: Arch) -> str:
     return f"{name}:{arch.debian_arch}"
 
 
-def resolve_kernel(arch: Arch) -> tuple[str, str]:
-    """(release, version) of the kernel that linux-image-cloud-<arch> depends on."""
-    meta = pkg(f"linux-image-cloud-{arch.debian_arch}", arch)
+def resolve_kernel(arch: Arch, series: str = DEFAULT_SERIES) -> tuple[str, str]:
+    """(release, version) of the kernel that the series' metapackage depends on."""
+    meta = pkg(SERIES[series].format(arch=arch.debian_arch), arch)
     try:
         out = run(["apt-cache", "show", "--no-all-versions", meta])
     except BuildError:
@@ -155,7 +158,7 @@ def build_headers(arch: Arch, out: Path, release: str, version: str) -> Path:
     if (tree / "Makefile").is_file() and (tree / "scripts/basic/fixdep").exists():
         return tree
     common = re.sub(r"-cloud-.*$", "-common", release)
-    kbuild = "linux-kbuild-" + ".".join(release.split(".")[:2])
+    kbuild = kbuild_package(arch, release, version)
     debs = download([f"{pkg('linux-headers-' + release, arch)}={version}",
                      f"linux-headers-{common}={version}",
                      f"{kbuild}={version}"])   # host arch: its tools run here
@@ -169,6 +172,16 @@ def build_headers(arch: Arch, out: Path, release: str, version: str) -> Path:
     if not (tree / "scripts/basic/fixdep").exists():
         raise BuildError(f"headers for {release} unpacked but {tree}/scripts is not usable")
     return tree
+
+
+def kbuild_package(arch: Arch, release: str, version: str) -> str:
+    """The linux-kbuild package the headers depend on: linux-kbuild-6.1 for 6.1,
+    linux-kbuild-6.12.118+deb12 (the full ABI) for the 6.12 backports."""
+    out = run(["apt-cache", "show", f"{pkg('linux-headers-' + release, arch)}={version}"])
+    m = re.search(r"^Depends:.*?\b(linux-kbuild-[^\s,]+)", out, re.M)
+    if not m:
+        raise BuildError(f"linux-headers-{release} names no linux-kbuild package")
+    return m.group(1)
 
 
 def build_busybox(arch: Arch, out: Path) -> Path:
@@ -199,7 +212,10 @@ def build_modules(arch: Arch, out: Path, tree: Path, force: bool) -> dict[str, P
         work = out / "build" / name
         shutil.rmtree(work, ignore_errors=True)
         shutil.copytree(src, work)
-        run(["make", "-C", str(tree), f"M={work}", *arch.kbuild_args, "modules"])
+        # No module BTF: the 6.12 headers ship a BTF-only vmlinux, so kbuild would run
+        # pahole (not installed; the 6.1 headers have no vmlinux and skip it anyway).
+        run(["make", "-C", str(tree), f"M={work}", *arch.kbuild_args,
+             "CONFIG_DEBUG_INFO_BTF_MODULES=", "modules"])
         ko.parent.mkdir(exist_ok=True)
         shutil.copy2(work / f"{name}.ko", ko)
         stamp.write_text(digest)
@@ -309,11 +325,11 @@ def run_bytes(cmd: list[str]) -> bytes:
         raise BuildError(f"{' '.join(cmd)} failed: {e}") from None
 
 
-def build(arch: Arch, force: bool) -> GuestImage:
-    release, version = resolve_kernel(arch)
+def build(arch: Arch, force: bool, series: str = DEFAULT_SERIES) -> GuestImage:
+    release, version = resolve_kernel(arch, series)
     out = arch_dir(arch.name) / release
     out.mkdir(parents=True, exist_ok=True)
-    log(f"{arch.name}: kernel {release} ({version}) in {out}")
+    log(f"{arch.name}: kernel series {series}: {release} ({version}) in {out}")
     build_kernel(arch, out, release, version)
     base = build_busybox(arch, out)
     tree = build_headers(arch, out, release, version)
@@ -323,22 +339,30 @@ def build(arch: Arch, force: bool) -> GuestImage:
                        kernel=out / "kernel", vmlinux=out / "vmlinux",
                        system_map=out / "System.map", config=out / "config",
                        busybox=out / "busybox", base_initramfs=base, modules=modules,
-                       rootfs=rootfs, loader_initrd=loader)
+                       rootfs=rootfs, loader_initrd=loader, series=series)
     write_manifest(out, image)
-    (arch_dir(arch.name) / "current").write_text(release + "\n")
+    current_file(arch.name, series).write_text(release + "\n")
+    if series == DEFAULT_SERIES:   # what builds before kernel series read
+        (arch_dir(arch.name) / "current").write_text(release + "\n")
     return image
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="all", help="x86_64, arm64 or all (default)")
+    ap.add_argument("--series", default="all",
+                    help=f"kernel series: {', '.join(SERIES)} or all (default)")
     ap.add_argument("--force", action="store_true", help="rebuild the modules")
     args = ap.parse_args()
     arches = all_arches() if args.arch == "all" else [get_arch(args.arch)]
+    if args.series != "all" and args.series not in SERIES:
+        ap.error(f"--series: one of {', '.join(SERIES)} or all")
+    series_list = list(SERIES) if args.series == "all" else [args.series]
     try:
-        for arch in arches:
-            image = build(arch, args.force)
-            log(f"{arch.name}: ready: {image.release}, modules {', '.join(image.modules)}")
+        for series in series_list:
+            for arch in arches:
+                image = build(arch, args.force, series)
+                log(f"{arch.name}: ready: {image.release}, modules {', '.join(image.modules)}")
     except BuildError as e:
         print(f"images: {e}", file=sys.stderr)
         return 2

@@ -4,8 +4,11 @@ Layout: ${QEMULEAK_CACHE:-~/.cache/qemuleak}/images/<arch>/<kernel-release>/ hol
 the kernel, the debug vmlinux, System.map, config, busybox, the base initramfs, the
 test modules, and a disk-root guest (a busybox rootfs.ext2 and the loader initrd that
 loads the kernel's virtio_blk module and switch_roots into it), described by
-manifest.json; images/<arch>/current names the release built last, which is the
-default guest for that arch.
+manifest.json. Kernels come in series (SERIES: "6.1", Debian 12's own kernel, and
+"6.12", its LTS backport); images/<arch>/current-<series> names the release of that
+series built last, the guest for that arch and series. The default series is
+$QEMULEAK_SERIES, else DEFAULT_SERIES; a plain images/<arch>/current (written by older
+builds, and still for the default series) is read when current-<series> is missing.
 """
 
 import json
@@ -17,6 +20,26 @@ from .arch import get_arch
 from .errors import ImageError
 
 MANIFEST = "manifest.json"
+# series -> the Debian metapackage (format arch = Debian arch) that names its newest ABI
+SERIES = {"6.1": "linux-image-cloud-{arch}", "6.12": "linux-image-6.12-cloud-{arch}"}
+DEFAULT_SERIES = "6.1"
+
+
+def default_series() -> str:
+    """$QEMULEAK_SERIES if set, else DEFAULT_SERIES."""
+    return check_series(os.environ.get("QEMULEAK_SERIES") or DEFAULT_SERIES)
+
+
+def check_series(series: str) -> str:
+    if series not in SERIES:
+        raise ImageError(f"unknown kernel series {series!r}",
+                         "one of " + ", ".join(SERIES))
+    return series
+
+
+def current_file(arch: str, series: str) -> Path:
+    """images/<arch>/current-<series>: names the release of `series` built last."""
+    return arch_dir(arch) / f"current-{series}"
 
 
 def cache_root() -> Path:
@@ -45,6 +68,7 @@ class GuestImage:
     modules: dict[str, Path]
     rootfs: Path | None = None         # busybox ext2 root file system for --drive (root=/dev/vda)
     loader_initrd: Path | None = None  # initrd: insmod virtio_blk (+ deps), switch_root to /dev/vda
+    series: str = DEFAULT_SERIES
 
     def module(self, name: str) -> Path:
         try:
@@ -62,18 +86,29 @@ def write_manifest(directory: Path, image: GuestImage) -> None:
     tmp.replace(directory / MANIFEST)
 
 
-def find_image(arch: str = "x86_64") -> GuestImage:
-    """The default guest image for `arch`, or ImageError saying how to build it."""
+def find_image(arch: str = "x86_64", series: str | None = None) -> GuestImage:
+    """The guest image for `arch` of kernel `series` (default: default_series()), or
+    ImageError saying how to build it."""
     name = get_arch(arch).name
-    current = arch_dir(name) / "current"
-    hint = "run `make images` (or `python images/build.py --arch %s`)" % name
-    try:
-        release = current.read_text().strip()
-        data = json.loads((arch_dir(name) / release / MANIFEST).read_text())
-    except (OSError, ValueError):
-        raise ImageError(f"no {name} guest image in {arch_dir(name)}", hint) from None
+    series = check_series(series or default_series())
+    hint = "run `make images` (or `python images/build.py --arch %s --series %s`)" % (name, series)
+    candidates = [current_file(name, series)]
+    if series == DEFAULT_SERIES:
+        candidates.append(arch_dir(name) / "current")
+    data = None
+    for current in candidates:
+        try:
+            release = current.read_text().strip()
+            data = json.loads((arch_dir(name) / release / MANIFEST).read_text())
+            break
+        except (OSError, ValueError):
+            continue
+    if data is None:
+        raise ImageError(f"no {name} guest image of kernel series {series} in {arch_dir(name)}",
+                         hint)
     modules = {k: Path(v) for k, v in data.pop("modules").items()}
-    image = GuestImage(modules=modules, **{k: (Path(v) if k not in ("arch", "release", "version") else v)
+    text = ("arch", "release", "version", "series")
+    image = GuestImage(modules=modules, **{k: (Path(v) if k not in text else v)
                                           for k, v in data.items()})
     for path in [image.kernel, image.vmlinux, image.system_map, image.base_initramfs,
                  *modules.values(), image.rootfs, image.loader_initrd]:
