@@ -107,13 +107,16 @@ class Arm64(Arch):
         return va_bits, phys
 
     def vmemmap(self, kernel) -> int | None:
-        # VMEMMAP_START - (memstart_addr >> PAGE_SHIFT); struct page is 64 bytes
-        # (VMEMMAP_SHIFT 6)
+        # VMEMMAP_START - (memstart_addr >> PAGE_SHIFT). vmcoreinfo has VMEMMAP_START
+        # since 6.0: take it, since newer kernels (6.12: VMEMMAP_END - VMEMMAP_SIZE,
+        # below -1 GiB) moved it from -2**(VA_BITS - 6) (64-byte struct page), 6.1's.
         known = self._va_bits_phys_offset(kernel)
         if known is None:
             return None
         va_bits, phys = known
-        start = (1 << 64) - (1 << (va_bits - 6))
+        start = kernel.vmcoreinfo().number("VMEMMAP_START")
+        if start is None:
+            start = (1 << 64) - (1 << (va_bits - 6))
         return (start - (phys >> 12) * kernel.types.sizeof("struct page")) & ((1 << 64) - 1)
 
     def linear_offset(self, kernel) -> int | None:

@@ -152,13 +152,28 @@ def module_symbols(kernel, module: Module) -> SymbolTable:
     syms = np.frombuffer(kernel.read(symtab, count * ELF64_SYM.itemsize), ELF64_SYM)
     keep = (syms["value"] != 0) & (syms["name"] != 0) & (syms["shndx"] != 0)
     syms = syms[keep]
-    strings = kernel.read(strtab, int(syms["name"].max(initial=0)) + 256) if len(syms) else b""
+    strings = _read_mapped(kernel, strtab, int(syms["name"].max(initial=0)) + 256) \
+        if len(syms) else b""
     names = [strings[o:strings.index(b"\0", o)].decode("utf-8", "replace")
              for o in syms["name"].tolist()]
     # Sizes as the kernel's %pS gives them: up to the next symbol, or to the end of
     # the code (core or init) that holds the symbol.
     return SymbolTable.from_arrays(syms["value"], None, names, module=module.name,
                                    ranges=module.text)
+
+
+def _read_mapped(kernel, va: int, size: int) -> bytes:
+    """Up to `size` bytes at `va`, stopping at the first page that is not mapped
+    (a module's string table may end right before a hole in the module area)."""
+    parts = []
+    while size > 0:
+        n = min(size, 4096 - (va & 4095))
+        try:
+            parts.append(kernel.read(va, n))
+        except QemuleakError:
+            break
+        va, size = va + n, size - n
+    return b"".join(parts)
 
 
 class Symbolizer:

@@ -102,13 +102,10 @@ def slab_flag(kernel, name: str) -> int:
     kernel. 6.9 ("mm, slab: use an enum to define SLAB_ cache creation flags")
     renumbered them: their bit numbers are the enumerators `_<name>` of
     `enum _slab_flag_bits`; before, they are the fixed values of <linux/slab.h>."""
-    def compute() -> int:
-        value = kernel.types.enumerator("enum _slab_flag_bits", "_" + name) \
-            if kernel.types.has_type("enum _slab_flag_bits") else None
-        if value is not None:
-            return 1 << value
-        return _OLD_SLAB_FLAGS[name]
-    return kernel.types._cached(("slab_flag", name), compute)
+    t = kernel.types
+    value = t.enumerator("enum _slab_flag_bits", "_" + name) \
+        if t.has_type("enum _slab_flag_bits") else None
+    return 1 << value if value is not None else _OLD_SLAB_FLAGS[name]
 
 
 _OLD_SLAB_FLAGS = {"SLAB_STORE_USER": SLAB_STORE_USER, "SLAB_KMALLOC": 0x00001000}

@@ -128,6 +128,15 @@ class KernelTypes(ABC):
         return self._cached(("member_size", type_name, member),
                             lambda: self._size(self._walk_or_raise(type_name, member).type))
 
+    def enumerator(self, type_name: str, name: str) -> int | None:
+        """The value of enumerator `name` of enum `type_name`, None if it has none."""
+        return self._cached(("enumerator", type_name, name),
+                            lambda: self._enumerators(self._find_or_raise(type_name)).get(name))
+
+    @abstractmethod
+    def _enumerators(self, handle: Any) -> dict[str, int]:
+        """Enumerator names and values of an enum type."""
+
     def layout(self, type_name: str, members: list[str]) -> dict[str, int]:
         """Byte offsets of several members at once; one KernelTypeError names every
         member that is missing or a bitfield."""
@@ -272,6 +281,11 @@ class BtfTypes(KernelTypes):
         m = self.btf.member(handle, name)
         return None if m is None else Member(m.bit_offset, m.bit_size, m.type_id)
 
+    def _enumerators(self, handle: Any) -> dict[str, int]:
+        if isinstance(handle, _Derived):
+            raise KernelTypeError(f"{handle.name} is not an enum", "ask for an enum type")
+        return self.btf.enum_values(self.btf.resolve(handle))
+
     def _array(self, handle: Any) -> tuple[Any, int | None] | None:
         if isinstance(handle, _Derived):
             return None
@@ -366,6 +380,13 @@ class DwarfTypes(KernelTypes):
             return None
         m = t.member(name)
         return Member(m.bit_offset, m.bit_field_size or 0, m.type)
+
+    def _enumerators(self, handle: Any) -> dict[str, int]:
+        import drgn
+        t = handle.unaliased()
+        if t.kind != drgn.TypeKind.ENUM:
+            raise KernelTypeError(f"{handle.type_name()} is not an enum", "ask for an enum type")
+        return {e.name: e.value for e in t.enumerators or ()}
 
     def _array(self, handle: Any) -> tuple[Any, int | None] | None:
         import drgn
