@@ -7,8 +7,8 @@ cheapest source the guest offers goes first:
   time (`sync`), with no breakpoint on any slab allocation or free. Breakpoints
   stay only where nothing is recorded: large kmalloc pages, vmalloc, per-CPU
   areas and their frees, krealloc (SLUB keeps the first size of an object grown
-  in place), module loads, and cache creation (a module's new cache is made to
-  keep tracks too).
+  in place), module loads, cache creation (a module's new cache is made to keep
+  tracks too) and task exits (the comm of a pid that is gone by the scan).
 - "breakpoints": every allocation and free function (tracer.PROBES).
 
 The scan does not care which one filled the table.
@@ -42,6 +42,8 @@ TRACKS_EXTRA = (
     Probe("__kmem_cache_create_args", "cache_create", flags_arg=3),
     Probe("kmem_cache_create", "cache_create", flags_arg=3),
     Probe("kmem_cache_create_usercopy", "cache_create", flags_arg=3),
+    # A task that allocated and exited before the next scan: its comm, by pid.
+    Probe("do_exit", "task_exit"),
 )
 
 

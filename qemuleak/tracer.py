@@ -42,7 +42,7 @@ class Probe:
 
     name: str
     role: str                       # "alloc", "alloc_bulk", "realloc", "free", "free_bulk",
-                                    # "module", "cache_create"
+                                    # "module", "cache_create", "task_exit"
     kind: str = "kmalloc"           # what it allocates: kmalloc, cache, vmalloc, page
     size_arg: int | None = None
     cache_arg: int | None = None    # kmem_cache *: size is its object_size
@@ -184,7 +184,7 @@ class Tracer:
         self._jiffies = kernel.symbols.get("jiffies")
         self._preempt = self._preempt_count_reader()
         self.kind = self.arch.breakpoint_kind
-        self.store_user = slub.SLAB_STORE_USER
+        self.store_user = slub.slab_flag(kernel, "SLAB_STORE_USER")
         self._core_text = (kernel.symbols.get("_stext") or 0, kernel.symbols.get("_etext") or 0)
 
     # -- breakpoints -------------------------------------------------------
@@ -237,6 +237,8 @@ class Tracer:
                 self._free_bulk(probe, regs)
             elif probe.role == "cache_create":
                 self._cache_create(probe, cpu, regs, stop.thread)
+            elif probe.role == "task_exit":
+                self._who(cpu, regs)              # its comm, for what it allocated
             else:
                 self._who(cpu, regs)              # the loader's comm, for its objects
                 self.unwind_pending()
