@@ -77,20 +77,34 @@ def fetch(kernel, handles) -> dict[int, tuple[int, ...]]:
                 return None
         return record
 
+    def find(h: int, index: int) -> int | None:
+        for attempt in range(2 if lay.handle_off is not None else 1):
+            if attempt:                    # `void **stack_pools`: through the pointer
+                if not pointer_array:
+                    try:
+                        pointer_array.append(kernel.read_u64(lay.pools))
+                    except QemuleakError:
+                        pointer_array.append(0)
+                base = pointer_array[0]
+            else:
+                base = lay.pools
+            try:
+                record = record_of(h, index, base) if base else None
+            except QemuleakError:
+                record = None
+            if record is not None:
+                return record
+        return None
+
     out = {}
     for h in set(int(x) for x in handles):
         index = lay.pool_index(h) if h else None
         if index is None:
             continue
+        record = find(h, index)
+        if record is None:
+            continue
         try:
-            record = record_of(h, index, lay.pools)
-            if record is None and lay.handle_off is not None:
-                if not pointer_array:
-                    pointer_array.append(kernel.read_u64(lay.pools))
-                if pointer_array[0]:
-                    record = record_of(h, index, pointer_array[0])
-            if record is None:
-                continue
             n = kernel.read_u32(record + lay.size_off)
             if not 0 < n <= 64:
                 continue
