@@ -2,6 +2,11 @@
 
 With QEMULEAK_REQUIRE_GUEST=1 (set by .ci/run) a missing QEMU or image fails the
 test instead of skipping it.
+
+Kernel series: every guest test runs on the default series ($QEMULEAK_SERIES, else
+6.1). A test marked `@pytest.mark.series("6.1", "6.12")` runs on each series named
+(the chosen subset of the suite that CI runs on 6.12 too); while it runs,
+QEMULEAK_SERIES names its series, so `qemuleak run` and find_image() pick it as well.
 """
 
 import os
@@ -13,7 +18,7 @@ import pytest
 from qemuleak import initramfs
 from qemuleak.arch import get_arch
 from qemuleak.errors import ImageError
-from qemuleak.images import GuestImage, find_image
+from qemuleak.images import SERIES, GuestImage, default_series, find_image
 from qemuleak.launch import VM, VMConfig
 
 REQUIRE_GUEST = os.environ.get("QEMULEAK_REQUIRE_GUEST") == "1"
@@ -26,13 +31,34 @@ def missing(reason: str):
     pytest.skip(reason)
 
 
-def guest_image_for(arch: str) -> GuestImage:
+def guest_image_for(arch: str, series: str | None = None) -> GuestImage:
     if shutil.which(get_arch(arch).qemu_binary) is None:
         missing(f"{get_arch(arch).qemu_binary} is not installed")
     try:
-        return find_image(arch)
+        return find_image(arch, series)
     except ImageError as e:
         missing(str(e))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "series(*names): run the test on each kernel series "
+                            "named (default: only the default series)")
+
+
+def series_of(definition) -> list[str]:
+    """The kernel series a test runs on: its `series` mark's, else the default."""
+    marker = definition.get_closest_marker("series")
+    chosen = list(marker.args) if marker else [default_series()]
+    unknown = [s for s in chosen if s not in SERIES]
+    if unknown:
+        raise ValueError(f"unknown kernel series {unknown} in {definition.nodeid}")
+    return chosen
+
+
+def pytest_generate_tests(metafunc):
+    if "series" in metafunc.fixturenames:
+        metafunc.parametrize("series", series_of(metafunc.definition), indirect=True,
+                             ids=lambda s: f"k{s}")
 
 
 @pytest.fixture(params=ARCHES)
@@ -41,8 +67,15 @@ def arch(request) -> str:
 
 
 @pytest.fixture
-def guest_image(arch) -> GuestImage:
-    return guest_image_for(arch)
+def series(request, monkeypatch) -> str:
+    """The kernel series of this test's guest; QEMULEAK_SERIES says it to `qemuleak run`."""
+    monkeypatch.setenv("QEMULEAK_SERIES", request.param)
+    return request.param
+
+
+@pytest.fixture
+def guest_image(arch, series) -> GuestImage:
+    return guest_image_for(arch, series)
 
 
 def process_gone(pid: int, workdir: Path | None) -> bool:

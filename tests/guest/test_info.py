@@ -15,6 +15,7 @@ from qemuleak import initramfs
 from qemuleak.info import describe
 from qemuleak.kernel.symbols import SymbolTable
 from qemuleak.launch import VM, VMConfig
+from qemuleak.images import SERIES
 from tests.conftest import guest_image_for
 
 pytestmark = pytest.mark.guest
@@ -28,10 +29,12 @@ def guest_says(vm: VM, command: str, marker: str) -> str:
     return text[text.rfind(command):]
 
 
-@pytest.fixture(scope="module", params=["x86_64", "arm64"])
+@pytest.fixture(scope="module", params=[(a, s) for s in SERIES for a in ("x86_64", "arm64")],
+                ids=lambda p: f"{p[0]}-k{p[1]}")
 def booted(request, tmp_path_factory):
-    """One guest per arch with leaky loaded; facts the guest states about itself."""
-    image = guest_image_for(request.param)
+    """One guest per arch and kernel series with leaky loaded; facts the guest
+    states about itself."""
+    image = guest_image_for(*request.param)
     initrd = initramfs.compose(image.base_initramfs, tmp_path_factory.mktemp("i") / "initrd.gz",
                                initramfs.module_files([image.module("leaky")]))
     with VM(VMConfig(kernel=image.kernel, arch=image.arch, initrd=initrd, smp=2)) as vm:

@@ -145,6 +145,7 @@ def assert_hidden_by_stale_words(result, objs, missing):
         print("hidden by stale words:", why)
 
 
+@pytest.mark.series("6.1", "6.12")
 def test_leaky_leaks_found_and_kept_objects_not(session, arch):
     s = session()
     s.run("insmod /modules/leaky.ko", "leaky: ready")

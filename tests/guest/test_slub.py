@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jsonschema
+import pytest
 
 from qemuleak import report
 
@@ -31,6 +32,7 @@ def slabinfo(vm, tag: str) -> dict[str, tuple[int, int]]:
     return {n: (int(a), int(t)) for n, a, t in SLABINFO.findall(text)}
 
 
+@pytest.mark.series("6.1", "6.12")
 def test_inventory_counts_agree_with_slabinfo(boot, guest_image):
     vm = boot(modules=())
     with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
@@ -56,6 +58,7 @@ def test_inventory_counts_agree_with_slabinfo(boot, guest_image):
     assert (inv.slots - inv.free).sum() == len(inv.addresses)
 
 
+@pytest.mark.series("6.1", "6.12")
 def test_inventory_agrees_with_tracer(boot, guest_image):
     """Every slab object the tracer saw allocated (and not freed) is allocated in
     the inventory; every one it saw freed (and not reallocated) is not."""
@@ -143,6 +146,7 @@ def scan_command(vm, guest_image, out, *args, module="leaky") -> dict[int, dict]
         {None: doc["scans"][0]["suppressed"]}
 
 
+@pytest.mark.series("6.1", "6.12")
 def test_scan_command_with_slub_tracks(boot, guest_image, tmp_path):
     """`qemuleak scan` on a slub_debug=U guest that loaded leaky before qemuleak
     ever connected: leaky's slab leaks, with the backtraces SLUB recorded; none

@@ -107,6 +107,7 @@ def drgn_trace_of_vcpu(prog, arch: str, regs: dict, blind=()) -> list[int]:
 
 # -- blocked tasks ------------------------------------------------------------------
 
+@pytest.mark.series("6.1", "6.12")
 def test_blocked_tasks_unwind_like_drgn(leaky_vm, guest_image, arch):
     from drgn.helpers.linux.pid import for_each_task
     with Guest.connect(leaky_vm.gdb_target, ram_path=leaky_vm.ram_fd_path()) as g:
@@ -137,7 +138,8 @@ def test_blocked_tasks_unwind_like_drgn(leaky_vm, guest_image, arch):
                 assert names.index("schedule") < names.index("schedule_timeout") \
                     < names.index("sleeper_fn") < names.index("kthread"), names
                 assert symbols.format(ours[names.index("sleeper_fn")]).endswith(" [leaky]")
-                assert names[-1] == "ret_from_fork", names
+                # 6.7 (x86): ret_from_fork_asm calls the C ret_from_fork
+                assert names[-1] in ("ret_from_fork", "ret_from_fork_asm"), names
                 # A snapshot cut short gives the frames it holds, then stops.
                 for n in (0, 64, 256, 1024):
                     cut = unwinder.unwind(regs, base, stack[:n], max_frames=64, at_entry=False)
@@ -155,6 +157,7 @@ def test_blocked_tasks_unwind_like_drgn(leaky_vm, guest_image, arch):
 
 # -- an allocation breakpoint ---------------------------------------------------
 
+@pytest.mark.series("6.1", "6.12")
 def test_allocation_breakpoint_trace(boot, guest_image, arch):
     """Stop at kmalloc's entry (the tracer's ftrace-NOP breakpoint) while leaky's
     init runs; unwind a 4 KiB snapshot of the stopped vCPU's stack."""
@@ -176,10 +179,20 @@ def test_allocation_breakpoint_trace(boot, guest_image, arch):
         symbols = SymbolTable.merge([kernel.symbols, modules.module_symbols(kernel, leaky)])
         prog = kernel.drgn_program([guest_image.module("leaky")])
         core_text, init_text = module_text(kernel, leaky).ranges    # (start, end) each
-        assert symbols.lookup(init_text[0]).name == "leaky_init"
+        # the init text starts with leaky_init, or with what newer kernels put before
+        # every function: x86 CALL_PADDING's 16 bytes (6.2+), arm64's ftrace_ops
+        # pointer for DYNAMIC_FTRACE_WITH_CALL_OPS (6.4+)
+        starts = [a for a in range(init_text[0], init_text[0] + 17, 4)
+                  if (sym := symbols.lookup(a)) is not None and sym.address == a]
+        assert starts and symbols.lookup(starts[-1]).name == "leaky_init", \
+            [symbols.format(a) for a in range(init_text[0], init_text[0] + 17, 4)]
 
         probes = {}
-        for name in ("kmalloc_trace", "__kmalloc"):
+        # 6.1's kmalloc entries, or 6.12's (*_noprof, 6.10; __kmalloc_cache_noprof, 6.11)
+        entries = [n for n in ("kmalloc_trace", "__kmalloc", "__kmalloc_cache_noprof",
+                               "__kmalloc_noprof") if kernel.symbols.get(n) is not None]
+        assert len(entries) == 2, entries
+        for name in entries:
             address = kernel.sym(name)
             offset, length = g.arch.entry_nop(g.read(address, 16))
             probes[address + offset] = length
@@ -194,7 +207,7 @@ def test_allocation_breakpoint_trace(boot, guest_image, arch):
             stack = snapshot(g, regs[sp_reg], SNAPSHOT)
             ours = unwinder.unwind(regs, regs[sp_reg], stack)
             theirs = drgn_trace_of_vcpu(prog, arch, regs, blind=[init_text])
-            compare_with_drgn(unwinder, symbols, regs, ours, theirs)
+            compare_with_drgn(unwinder, symbols, regs, ours, theirs, blind=[init_text])
             compared.append(len(theirs))
             names = symbols.format_many(ours)
             if any(n.endswith(" [leaky]") for n in names):
@@ -209,8 +222,8 @@ def test_allocation_breakpoint_trace(boot, guest_image, arch):
 
         functions = [n.split("+")[0] for n in names]
         text = "\n".join(names)
-        assert functions[0] in ("kmalloc_trace", "__kmalloc"), text
-        assert "alloc_named" in functions and "make_leaks" in functions, text
+        assert functions[0] in entries, text
+        assert "make_leaks" in functions, text
         assert names[functions.index("make_leaks")].endswith(" [leaky]")
         assert "leaky_init" in functions, text                 # init text, while loading
         assert functions.index("leaky_init") < functions.index("do_one_initcall") \
@@ -227,7 +240,7 @@ def test_allocation_breakpoint_trace(boot, guest_image, arch):
     vm.wait_for_line("leaky: ready", timeout=60)           # the guest went on
 
 
-def compare_with_drgn(unwinder, symbols, regs, ours, theirs) -> None:
+def compare_with_drgn(unwinder, symbols, regs, ours, theirs, blind=()) -> None:
     """Our trace of a vCPU stopped at a function's entry against drgn's.
 
     arm64: drgn finds no CFI at the patched ftrace NOPs of a function's entry and
@@ -237,4 +250,6 @@ def compare_with_drgn(unwinder, symbols, regs, ours, theirs) -> None:
         assert ours[1] == unwinder.strip(regs["x30"])
         ours = ours[:1] + ours[2:]
     n = min(len(ours), len(theirs))
-    assert n >= 3 and ours[:n] == theirs[:n], show(symbols, ours, theirs)
+    # at least 3 frames in common, unless drgn stopped sooner in the `blind` ranges
+    stopped_blind = n == len(theirs) >= 2 and any(lo <= theirs[-1] < hi for lo, hi in blind)
+    assert (n >= 3 or stopped_blind) and ours[:n] == theirs[:n], show(symbols, ours, theirs)

@@ -103,3 +103,32 @@ def test_loader_modules_dependencies_first(tmp_path):
     assert dict(got)["virtio_pci_modern_dev"] == fake_ko("virtio_pci_modern_dev", "")
     with pytest.raises(build.BuildError, match="virtio_net"):
         build.loader_modules(moddir, ("virtio_net",))
+
+
+def test_series_each_have_their_current(tmp_path, monkeypatch):
+    monkeypatch.setenv("QEMULEAK_CACHE", str(tmp_path))
+    monkeypatch.delenv("QEMULEAK_SERIES", raising=False)
+    old = make_image(tmp_path)                                # writes the plain `current`
+    assert find_image("x86_64") == old == find_image("x86_64", "6.1")
+    with pytest.raises(ImageError) as e:                      # none of 6.12 built yet
+        find_image("x86_64", "6.12")
+    assert "series 6.12" in e.value.message and "--series 6.12" in e.value.hint
+    new = make_image(tmp_path, release="6.12.118+deb12-cloud-amd64")
+    # make_image moved the plain `current`; the series file says which is which
+    (arch_dir("x86_64") / "current").write_text(old.release + "\n")
+    (arch_dir("x86_64") / "current-6.12").write_text(new.release + "\n")
+    assert find_image("x86_64", "6.12").release == new.release
+    assert find_image("x86_64").release == old.release
+    monkeypatch.setenv("QEMULEAK_SERIES", "6.12")
+    assert find_image("x86_64").release == new.release
+    (arch_dir("x86_64") / "current-6.1").write_text(new.release + "\n")   # wins over `current`
+    assert find_image("x86_64", "6.1").release == new.release
+    with pytest.raises(ImageError, match="unknown kernel series"):
+        find_image("x86_64", "5.10")
+
+
+def test_build_series_metapackages():
+    from qemuleak.images import SERIES
+    assert SERIES["6.1"].format(arch="amd64") == "linux-image-cloud-amd64"
+    assert SERIES["6.12"].format(arch="arm64") == "linux-image-6.12-cloud-arm64"
+    assert load_build_script().DEFAULT_SERIES == "6.1"
