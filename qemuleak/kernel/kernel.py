@@ -10,9 +10,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from ..errors import GuestMemoryError, KernelTypeError, QemuleakError, SymbolError
+from ..errors import GuestMemoryError, KernelTypeError, SymbolError
 from . import kaslr, vmcoreinfo
 from .symbols import SymbolTable
 from .btf import find_btf
