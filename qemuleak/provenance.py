@@ -88,10 +88,11 @@ def describe(mode: str, kernel, probes: int) -> str:
             n = len(tracked_caches(kernel))
         except QemuleakError:
             n = 0
-        return (f"provenance: SLUB allocation tracks ({n} caches keep them) + "
-                f"{probes} breakpoints (large kmalloc, vmalloc, per-CPU, krealloc, modules)")
-    return (f"provenance: breakpoints on {probes} allocator functions (no allocation "
-            f"tracks: {HINT_BOOT})")
+        return (f"tracing with SLUB's allocation tracks ({n} caches keep them) and "
+                f"{probes} breakpoints (large kmalloc, vmalloc, per-CPU, krealloc, module "
+                f"loads, cache creation, task exits)")
+    return (f"tracing with breakpoints on {probes} allocator functions (the guest keeps "
+            f"no allocation tracks: {HINT_BOOT})")
 
 
 def _kinds(inv: slub.Inventory) -> np.ndarray:

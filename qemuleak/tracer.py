@@ -133,10 +133,14 @@ class Stats:
 class Tracer:
     """Breakpoints on the guest kernel's allocator, feeding an object table."""
 
-    def __init__(self, kernel, table, probes=PROBES, unwinder=None, on_module_load=None):
+    def __init__(self, kernel, table, probes=PROBES, unwinder=None, on_module_load=None,
+                 entry: str = "auto"):
         """`unwinder(regs, stack) -> return addresses` turns an entry stop's saved
         registers and stack copy into a backtrace (default: the entry PC only);
-        `on_module_load()` runs, with the guest stopped, when a module is loaded."""
+        `on_module_load()` runs, with the guest stopped, when a module is loaded.
+        `entry`: "auto" puts each breakpoint on the function's ftrace NOP when it
+        has one, else on its first instruction; "step" always on the first
+        instruction (what a kernel without ftrace gets; for measurements)."""
         self.on_module_load = on_module_load or (lambda: None)
         self.interrupted = False      # set by Ctrl-C / SIGTERM under `tracing`
         self.kernel = kernel
@@ -147,21 +151,22 @@ class Tracer:
         self.comms: dict[int, str] = {}      # pid -> comm of every task seen at a stop
         self.resized: dict[int, int] = {}    # grown in place, not in the table: size
         self.stats = Stats()
-        # Breakpoints sit on the ftrace NOP near each function's start: at a stop
-        # the PC is moved past it, so the guest resumes with no single-step.
+        # A breakpoint on the ftrace NOP near a function's start is passed by
+        # moving the PC past it: the guest resumes with no single-step. A kernel
+        # without ftrace has no NOP: the breakpoint goes on the first instruction,
+        # which is then single-stepped with the breakpoint in place (QEMU 6.1+:
+        # "Singlestep overrides breakpoints"), no z0/Z0 pair.
         self.probes: dict[int, Probe] = {}
-        self._nop_length: dict[int, int] = {}             # breakpoint -> NOP under it
-        self.skipped: list[str] = []
+        self._nop_length: dict[int, int] = {}             # breakpoint -> NOP under it (0: step)
         for probe in probes:
             address = kernel.symbols.get(probe.name)
             if address is None:
                 continue
-            nop = self.arch.entry_nop(kernel.guest.read(address, 16))
-            if nop is None:
-                self.skipped.append(probe.name)
-                continue
-            self.probes[address + nop[0]] = probe
-            self._nop_length[address + nop[0]] = nop[1]
+            nop = self.arch.entry_nop(kernel.guest.read(address, 16)) if entry == "auto" else None
+            at, length = nop if nop is not None else (0, 0)
+            self.probes[address + at] = probe
+            self._nop_length[address + at] = length
+        self.stepped = sorted(p.name for a, p in self.probes.items() if not self._nop_length[a])
         if not any(p.role == "alloc" for p in self.probes.values()):
             raise QemuleakError("none of the kernel's allocation functions is in the symbols",
                                 "pass --vmlinux or --system-map for this kernel")
@@ -243,7 +248,10 @@ class Tracer:
                 self._who(cpu, regs)              # the loader's comm, for its objects
                 self.unwind_pending()
                 self.on_module_load()
-            self._write_pc(stop.thread, pc + self._nop_length[pc])
+            if self._nop_length[pc]:
+                self._write_pc(stop.thread, pc + self._nop_length[pc])
+            else:
+                self.rsp.step(stop.thread, timeout=10)
         elif pc in self.return_sites:
             self._return(cpu, regs, pc, stop.thread)
 
@@ -312,11 +320,10 @@ class Tracer:
         entry = self.pending.pop(sp, None)
         left = self.return_sites[pc] - (entry is not None)
         if left:
-            # Other calls still wait here: step this vCPU past the breakpoint.
+            # Other calls still wait here: step this vCPU past the breakpoint,
+            # which stays in place.
             self.return_sites[pc] = left
-            self.rsp.remove_breakpoint(pc, self.kind)
             self.rsp.step(thread, timeout=10)
-            self.rsp.insert_breakpoint(pc, self.kind)
         else:
             del self.return_sites[pc]
             self.rsp.remove_breakpoint(pc, self.kind)

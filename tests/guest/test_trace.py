@@ -61,8 +61,8 @@ class RecordingTable(ObjectTable):
 
 
 def trace_until(vm, guest, kernel, table, marker: str, timeout: float = 120,
-                symbolizer=None) -> Tracer:
-    tracer = Tracer(kernel, table, **unwinding(kernel, symbolizer))
+                symbolizer=None, entry: str = "auto") -> Tracer:
+    tracer = Tracer(kernel, table, **unwinding(kernel, symbolizer), entry=entry)
     start = time.monotonic()
     with tracing(tracer):
         tracer.run(lambda: marker in vm.console_text()[vm_mark(vm):]
@@ -91,14 +91,20 @@ def guest_alive(vm, tag: str) -> None:
     vm.wait_for_line(f"{tag}-5", timeout=30)
 
 
-def test_leaky_allocations_and_frees(boot, guest_image, arch):
+# "step": breakpoints on each function's first instruction, stepped with the
+# breakpoint in place, as on a kernel without ftrace's NOPs
+@pytest.mark.parametrize("entry", ["auto", "step"])
+def test_leaky_allocations_and_frees(boot, guest_image, arch, entry):
     vm = boot(files={"dc": b"echo 3 > /proc/sys/vm/drop_caches\n"})
     with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
         kernel = Kernel.open(guest, system_map=guest_image.system_map)
         table = RecordingTable()
         symbols = Symbolizer(kernel)
         vm.send_line("insmod /modules/leaky.ko")
-        tracer = trace_until(vm, guest, kernel, table, "leaky: ready", symbolizer=symbols)
+        tracer = trace_until(vm, guest, kernel, table, "leaky: ready", symbolizer=symbols,
+                             entry=entry)
+        if entry == "step":
+            assert tracer.stepped == sorted(p.name for p in tracer.probes.values())
         console = vm.console_text()
         objs = parse_objects(console)
         insmod_pid = int(re.search(r"PID: (\d+) Comm: insmod", console).group(1))
@@ -140,7 +146,7 @@ def test_leaky_allocations_and_frees(boot, guest_image, arch):
         rcu_seq = (table.get(rcu) or table.freed[rcu]).seq
         vm.send_line("sh /dc")            # short: the guest is stopped, its UART small
         start = time.monotonic()
-        tracer = Tracer(kernel, table, **unwinding(kernel, symbols))
+        tracer = Tracer(kernel, table, **unwinding(kernel, symbols), entry=entry)
         with tracing(tracer):
             tracer.run(lambda: getattr(table.freed.get(rcu), "seq", None) == rcu_seq
                        or time.monotonic() - start > 60)
@@ -163,7 +169,7 @@ def test_leaky_allocations_and_frees(boot, guest_image, arch):
                 if name != "rcu_freed"}
         vm._trace_mark = len(vm.console_text())
         vm.send_line("rmmod leaky")
-        trace_until(vm, guest, kernel, table, "leaky: exit")
+        trace_until(vm, guest, kernel, table, "leaky: exit", entry=entry)
         objs = parse_objects(vm.console_text())
         for name in seqs:
             r = table.get(objs[name].address)
