@@ -8,11 +8,14 @@ cheapest source the guest offers goes first:
   stay only where nothing is recorded: large kmalloc pages, vmalloc, per-CPU
   areas and their frees, krealloc (SLUB keeps the first size of an object grown
   in place), module loads, cache creation (a module's new cache is made to keep
-  tracks too) and task exits (the comm of a pid that is gone by the scan).
+  tracks too) and task exits (the comm of a pid that is gone by the scan); and
+  none in a code page of the slab fast paths (see HOT, tracks_probes).
 - "breakpoints": every allocation and free function (tracer.PROBES).
 
 The scan does not care which one filled the table.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,32 +32,95 @@ HINT_BOOT = ("boot the guest with slub_debug=U,kmalloc-* and qemuleak traces wit
 # tracks on the kmalloc caches only (the caches modules create get them at creation).
 RUN_SLUB_DEBUG = "slub_debug=U,kmalloc-*"
 
-# Frees of what tracks mode still traces; kfree and kmem_cache_free are left alone
-# (every slab free goes through them), and a large kmalloc's free is caught where
-# kfree hands it on.
-_TRACKS_FREES = ("vfree", "free_percpu", "free_large_kmalloc")
-TRACKS_EXTRA = (
-    Probe("free_large_kmalloc", "free", ptr_arg=1),          # (folio, object)
-    # A module's call is caught where it enters: 6.9+ kmem_cache_create* are
-    # macros and inlines calling __kmem_cache_create_args; before, two functions
-    # (kmem_cache_create calls kmem_cache_create_usercopy). The flags are the
-    # fourth argument of each.
-    Probe("__kmem_cache_create_args", "cache_create", flags_arg=3),
-    Probe("kmem_cache_create", "cache_create", flags_arg=3),
-    Probe("kmem_cache_create_usercopy", "cache_create", flags_arg=3),
-    # A task that allocated and exited before the next scan: its comm, by pid.
-    Probe("do_exit", "task_exit"),
-)
+# Every slab allocation and free runs through one of these (6.1 names, then the
+# *_noprof ones of 6.10+). QEMU cuts every translated block in a page holding a
+# breakpoint to one instruction, so tracks mode sets none in their pages: one
+# breakpoint never hit there made allocstorm 2.3x slower.
+HOT = ("kmalloc_trace", "kmalloc_node_trace", "__kmalloc", "__kmalloc_node",
+       "__kmalloc_node_track_caller", "kfree", "kmem_cache_alloc", "kmem_cache_alloc_lru",
+       "kmem_cache_alloc_node", "kmem_cache_free", "__kmalloc_noprof", "__kmalloc_node_noprof",
+       "__kmalloc_cache_noprof", "__kmalloc_cache_node_noprof",
+       "__kmalloc_node_track_caller_noprof", "kmem_cache_alloc_noprof",
+       "kmem_cache_alloc_lru_noprof", "kmem_cache_alloc_node_noprof")
+PAGE_SHIFT = 12
 
 
-def tracks_probes(probes=PROBES) -> tuple[Probe, ...]:
-    """The probes tracks mode keeps: allocations SLUB does not record (kinds page,
-    vmalloc, percpu), krealloc, module loads, their frees, cache creation."""
-    keep = [p for p in probes
-            if p.role in ("realloc", "module")
-            or p.role == "alloc" and p.kind in ("page", "vmalloc", "percpu")
-            or p.role == "free" and p.name in _TRACKS_FREES]
-    return tuple(keep) + TRACKS_EXTRA
+@dataclass(frozen=True)
+class Need:
+    """Something tracks mode traces because SLUB records nothing of it: the
+    alternative probe sets that see it (the first whose probes all sit in cold
+    pages is taken), and what is lost when none does."""
+
+    what: str
+    choices: tuple[tuple[Probe, ...], ...]
+    without: str = ""                 # "": always traced, wherever it sits
+
+
+def needs(probes=PROBES) -> tuple[Need, ...]:
+    named = lambda *names: tuple(p for p in probes if p.name in names)      # noqa: E731
+    large = tuple(p for p in probes if p.role == "alloc" and p.kind == "page")
+    return (
+        Need("vmalloc", (tuple(p for p in probes if p.kind == "vmalloc") + named("vfree"),)),
+        Need("per-CPU", (tuple(p for p in probes if p.kind == "percpu") + named("free_percpu"),)),
+        # kfree hands a large kmalloc's pages to free_large_kmalloc
+        Need("large kmalloc", (large + (Probe("free_large_kmalloc", "free", ptr_arg=1),),),
+             "large kmalloc pages count as roots"),
+        # SLUB keeps the first size of an object krealloc grows in place
+        Need("krealloc", (tuple(p for p in probes if p.role == "realloc"),),
+             "an object krealloc grows in place keeps its first size"),
+        # A module's new cache is made to keep tracks (see Tracer._cache_create).
+        # 6.9+: kmem_cache_create* are macros and inlines calling
+        # __kmem_cache_create_args; before, two functions (kmem_cache_create calls
+        # kmem_cache_create_usercopy): a module's call is caught where it enters.
+        # Failing those, kmem_cache_flags(size, flags, name), which every cache
+        # creation of 6.1 asks (before the merge check and at kmem_cache_open): then
+        # every cache made while tracing keeps tracks.
+        Need("cache creation",
+             ((Probe("__kmem_cache_create_args", "cache_create", flags_arg=3),),
+              (Probe("kmem_cache_create", "cache_create", flags_arg=3),
+               Probe("kmem_cache_create_usercopy", "cache_create", flags_arg=3)),
+              (Probe("kmem_cache_flags", "cache_create", flags_arg=1, any_caller=True),)),
+             "caches created while tracing keep no tracks unless slub_debug names them"),
+        Need("module loads", (tuple(p for p in probes if p.role == "module"),)),
+        # A task that allocated and exited before the next scan: its comm, by pid.
+        Need("task exits", ((Probe("do_exit", "task_exit"),),)),
+    )
+
+
+def hot_pages(kernel) -> set[int]:
+    """The code pages of the slab fast paths (HOT)."""
+    pages = set()
+    for name in HOT:
+        at = kernel.symbols.get(name)
+        if at is None:
+            continue
+        sym = kernel.symbols.lookup(at)
+        size = sym.size if sym is not None and sym.size else 1
+        pages.update(range(at >> PAGE_SHIFT, ((at + size - 1) >> PAGE_SHIFT) + 1))
+    return pages
+
+
+def tracks_probes(kernel, probes=PROBES) -> tuple[tuple[Probe, ...], list[str]]:
+    """The probes tracks mode sets on this kernel, and what goes untraced (one
+    phrase each) because its only probes sit in a slab fast path's page."""
+    hot = hot_pages(kernel)
+    # 6.9+ kmem_cache_flags(flags, name) lost the size argument; 6.9 also brought
+    # __kmem_cache_create_args, so the 6.1 signature is taken only without it
+    old_flags = kernel.symbols.get("__kmem_cache_create_args") is None
+    chosen, lost = [], []
+    for need in needs(probes):
+        for choice in need.choices:
+            present = [p for p in choice if kernel.symbols.get(p.name) is not None
+                       and (p.name != "kmem_cache_flags" or old_flags)]
+            if present and (not need.without or
+                            all(kernel.symbols.get(p.name) >> PAGE_SHIFT not in hot
+                                for p in present)):
+                chosen += present
+                break
+        else:
+            if need.without:
+                lost.append(need.without)
+    return tuple(chosen), lost
 
 
 def tracked_caches(kernel) -> list[str]:
@@ -81,16 +147,21 @@ def choose(kernel, requested: str = "auto") -> str:
     return "breakpoints"
 
 
-def describe(mode: str, kernel, probes: int) -> str:
-    """The start-up line that says where provenance comes from."""
+def describe(mode: str, kernel, probes, lost: list[str] = ()) -> str:
+    """The start-up line that says where provenance comes from. `probes`: the
+    tracer's; `lost`: what tracks mode leaves untraced (see tracks_probes)."""
     if mode == "tracks":
         try:
             n = len(tracked_caches(kernel))
         except QemuleakError:
             n = 0
-        return (f"tracing with SLUB's allocation tracks ({n} caches keep them) and "
-                f"{probes} breakpoints (large kmalloc, vmalloc, per-CPU, krealloc, module "
-                f"loads, cache creation, task exits)")
+        names = ", ".join(sorted({p.name for p in probes}))
+        line = (f"tracing with SLUB's allocation tracks ({n} caches keep them) and "
+                f"{len(probes)} breakpoints ({names})")
+        if lost:
+            line += ("; in a slab fast path's code page, untraced: " + "; ".join(lost))
+        return line
+    probes = len(probes)
     return (f"tracing with breakpoints on {probes} allocator functions (the guest keeps "
             f"no allocation tracks: {HINT_BOOT})")
 

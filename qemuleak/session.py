@@ -55,8 +55,8 @@ class Session:
         self.symbolizer = Symbolizer(kernel, debug_files=debug_files)
         self.provenance = provenance.choose(kernel, self.options.provenance)
         tracks = self.provenance == "tracks"
-        self.tracer = Tracer(kernel, self.table, provenance.tracks_probes() if tracks else PROBES,
-                             **unwinding(kernel, self.symbolizer))
+        probes, self.untraced = provenance.tracks_probes(kernel) if tracks else (PROBES, [])
+        self.tracer = Tracer(kernel, self.table, probes, **unwinding(kernel, self.symbolizer))
         self.sync = provenance.TrackSync(kernel, self.table, self.tracer.comms,
                                          self.tracer.resized) if tracks else None
         self.reporter = report.Reporter()
@@ -133,7 +133,8 @@ class Session:
 
     def describe(self) -> str:
         """The start-up line: where provenance comes from."""
-        return provenance.describe(self.provenance, self.kernel, len(self.tracer.probes))
+        return provenance.describe(self.provenance, self.kernel,
+                                   list(self.tracer.probes.values()), self.untraced)
 
 
 def unwinding(kernel, symbolizer: Symbolizer | None = None) -> dict:

@@ -49,6 +49,7 @@ class Probe:
     ptr_arg: int | None = None      # free: the object
     count_arg: int | None = None    # free_bulk: how many, and ptr_arg the array
     flags_arg: int | None = None    # cache_create: the new cache's slab_flags_t
+    any_caller: bool = False        # cache_create: also for the core kernel's caches
 
 
 # The 6.1 allocation API; the tracer breaks on those the guest's symbols have.
@@ -393,7 +394,7 @@ class Tracer:
         slub_debug=U would (SLUB then never merges it with another cache). Only
         done when the kernel's own caches keep them (tracks mode)."""
         site, _ = self.arch.return_site(regs, self.guest.read_u64)
-        if self._core_text[0] <= site < self._core_text[1]:
+        if not probe.any_caller and self._core_text[0] <= site < self._core_text[1]:
             return
         reg = self.arch.arg_regs[probe.flags_arg]
         flags = regs[reg]
