@@ -31,10 +31,37 @@ def allocator_words(kernel, busy: list[VmapArea] | None = None) -> list[int]:
         if a.vm:
             out.append(a.vm + t.offsetof("struct vm_struct", "addr"))
     list_off = t.offsetof("struct vmap_area", "list")
-    for name in ("free_vmap_area_list", "purge_vmap_area_list"):
-        if kernel.symbols.get(name) is not None:
-            for node in list_nodes(kernel, kernel.sym(name)):
-                out += [node - list_off + start_off, node - list_off + end_off]
+    heads = [kernel.sym(name) for name in ("free_vmap_area_list", "purge_vmap_area_list")
+             if kernel.symbols.get(name) is not None]
+    for head in heads + _node_free_lists(kernel):
+        for node in list_nodes(kernel, head):
+            out += [node - list_off + start_off, node - list_off + end_off]
+    return out
+
+
+def _node_free_lists(kernel) -> list[int]:
+    """6.9 (vmap_area lists split per node, `struct vmap_node`): what purge_vmap_area_list held
+    is on each node's `lazy` list and `purge_list`, and freed areas kept for reuse are
+    on its `pool[]` lists. The heads of those that are not empty."""
+    t = kernel.types
+    if kernel.symbols.get("vmap_nodes") is None or not t.has_member("struct vmap_node", "lazy"):
+        return []
+    nodes = kernel.read_u64(kernel.sym("vmap_nodes"))
+    count = kernel.read_u32(kernel.sym("nr_vmap_nodes")) if kernel.symbols.get("nr_vmap_nodes") else 1
+    size = t.sizeof("struct vmap_node")
+    offsets = [t.offsetof("struct vmap_node", "lazy") + t.offsetof("struct rb_list", "head")]
+    if t.has_member("struct vmap_node", "purge_list"):
+        offsets.append(t.offsetof("struct vmap_node", "purge_list"))
+    if t.has_member("struct vmap_node", "pool"):
+        pool, each = t.offsetof("struct vmap_node", "pool"), t.sizeof("struct vmap_pool")
+        head = t.offsetof("struct vmap_pool", "head")
+        offsets += [pool + i * each + head for i in range(t.member_size("struct vmap_node", "pool") // each)]
+    out = []
+    for i in range(count):
+        raw = kernel.read(nodes + i * size, size)      # one read: most lists are empty
+        for off in offsets:
+            if int.from_bytes(raw[off:off + 8], "little") != nodes + i * size + off:
+                out.append(nodes + i * size + off)
     return out
 
 
