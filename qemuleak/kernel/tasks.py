@@ -37,6 +37,27 @@ def current_task(kernel, cpu: int, regs: dict | None = None) -> int:
                           "is in the symbols")
 
 
+def preempt_count_reader(kernel):
+    """A function (per-CPU base of a CPU, a callable giving its current task) -> that
+    CPU's preempt count (HARDIRQ_MASK, SOFTIRQ_OFFSET...), from what the kernel has:
+    x86's per-CPU `__preempt_count` (up to 6.1), x86's `pcpu_hot.preempt_count` (6.2
+    moved the hot per-CPU variables into `struct pcpu_hot`; 6.12 has it), else the
+    current task's thread_info.preempt_count (arm64). Reads 0 when none is known."""
+    t = kernel.types
+    count = kernel.symbols.get("__preempt_count")
+    if count is None and kernel.symbols.get("pcpu_hot") is not None \
+            and t.has_member("struct pcpu_hot", "preempt_count"):
+        count = kernel.sym("pcpu_hot") + t.offsetof("struct pcpu_hot", "preempt_count")
+    if count is not None:
+        return lambda base, current: kernel.read_u32(base + count)
+    if t.has_member("struct task_struct", "thread_info") and \
+            t.has_member("struct thread_info", "preempt_count"):
+        off = t.offsetof("struct task_struct", "thread_info") + \
+            t.offsetof("struct thread_info", "preempt_count")
+        return lambda base, current: kernel.read_u32(current() + off)
+    return lambda base, current: 0
+
+
 def _looks_like_task(kernel, address: int) -> bool:
     try:
         t = task(kernel, address)
