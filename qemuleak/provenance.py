@@ -38,7 +38,9 @@ RUN_SLUB_DEBUG = "slub_debug=U,kmalloc-*"
 # breakpoint never hit there made allocstorm 2.3x slower.
 HOT = ("kmalloc_trace", "kmalloc_node_trace", "__kmalloc", "__kmalloc_node",
        "__kmalloc_node_track_caller", "kfree", "kmem_cache_alloc", "kmem_cache_alloc_lru",
-       "kmem_cache_alloc_node", "kmem_cache_free", "__kmalloc_noprof", "__kmalloc_node_noprof",
+       "kmem_cache_alloc_node", "kmem_cache_free", "__kmem_cache_alloc_node",
+       "__kmem_cache_free", "kmem_cache_alloc_bulk", "kmem_cache_free_bulk", "___slab_alloc",
+       "__slab_free", "__kmalloc_noprof", "__kmalloc_node_noprof",
        "__kmalloc_cache_noprof", "__kmalloc_cache_node_noprof",
        "__kmalloc_node_track_caller_noprof", "kmem_cache_alloc_noprof",
        "kmem_cache_alloc_lru_noprof", "kmem_cache_alloc_node_noprof")
@@ -48,8 +50,10 @@ PAGE_SHIFT = 12
 @dataclass(frozen=True)
 class Need:
     """Something tracks mode traces because SLUB records nothing of it: the
-    alternative probe sets that see it (the first whose probes all sit in cold
-    pages is taken), and what is lost when none does."""
+    alternative probe sets that see it. The first whose probes all sit in cold
+    pages is taken; when none does, the first present is set only while a
+    module's init function runs (Tracer's init_probes), and `without` says what
+    is lost the rest of the time."""
 
     what: str
     choices: tuple[tuple[Probe, ...], ...]
@@ -64,23 +68,20 @@ def needs(probes=PROBES) -> tuple[Need, ...]:
         Need("per-CPU", (tuple(p for p in probes if p.kind == "percpu") + named("free_percpu"),)),
         # kfree hands a large kmalloc's pages to free_large_kmalloc
         Need("large kmalloc", (large + (Probe("free_large_kmalloc", "free", ptr_arg=1),),),
-             "large kmalloc pages count as roots"),
+             "large kmalloc pages allocated after a module's init count as roots"),
         # SLUB keeps the first size of an object krealloc grows in place
         Need("krealloc", (tuple(p for p in probes if p.role == "realloc"),),
-             "an object krealloc grows in place keeps its first size"),
+             "an object krealloc grows in place after a module's init keeps its first size"),
         # A module's new cache is made to keep tracks (see Tracer._cache_create).
         # 6.9+: kmem_cache_create* are macros and inlines calling
         # __kmem_cache_create_args; before, two functions (kmem_cache_create calls
         # kmem_cache_create_usercopy): a module's call is caught where it enters.
-        # Failing those, kmem_cache_flags(size, flags, name), which every cache
-        # creation of 6.1 asks (before the merge check and at kmem_cache_open): then
-        # every cache made while tracing keeps tracks.
         Need("cache creation",
              ((Probe("__kmem_cache_create_args", "cache_create", flags_arg=3),),
               (Probe("kmem_cache_create", "cache_create", flags_arg=3),
-               Probe("kmem_cache_create_usercopy", "cache_create", flags_arg=3)),
-              (Probe("kmem_cache_flags", "cache_create", flags_arg=1, any_caller=True),)),
-             "caches created while tracing keep no tracks unless slub_debug names them"),
+               Probe("kmem_cache_create_usercopy", "cache_create", flags_arg=3))),
+             "a cache a module creates after its init keeps no tracks unless slub_debug "
+             "names it"),
         Need("module loads", (tuple(p for p in probes if p.role == "module"),)),
         # A task that allocated and exited before the next scan: its comm, by pid.
         Need("task exits", ((Probe("do_exit", "task_exit"),),)),
@@ -100,27 +101,31 @@ def hot_pages(kernel) -> set[int]:
     return pages
 
 
-def tracks_probes(kernel, probes=PROBES) -> tuple[tuple[Probe, ...], list[str]]:
-    """The probes tracks mode sets on this kernel, and what goes untraced (one
-    phrase each) because its only probes sit in a slab fast path's page."""
+@dataclass
+class TracksProbes:
+    """What tracks mode sets on one kernel."""
+
+    probes: tuple[Probe, ...]          # always in
+    init_probes: tuple[Probe, ...]     # in only while a module's init runs
+    lost: list[str]                    # what that leaves untraced, one phrase each
+
+
+def tracks_probes(kernel, probes=PROBES) -> TracksProbes:
+    """The probes tracks mode sets on this kernel: none in a slab fast path's page
+    but while a module initializes (see Need)."""
     hot = hot_pages(kernel)
-    # 6.9+ kmem_cache_flags(flags, name) lost the size argument; 6.9 also brought
-    # __kmem_cache_create_args, so the 6.1 signature is taken only without it
-    old_flags = kernel.symbols.get("__kmem_cache_create_args") is None
-    chosen, lost = [], []
+    out = TracksProbes((), (), [])
     for need in needs(probes):
-        for choice in need.choices:
-            present = [p for p in choice if kernel.symbols.get(p.name) is not None
-                       and (p.name != "kmem_cache_flags" or old_flags)]
-            if present and (not need.without or
-                            all(kernel.symbols.get(p.name) >> PAGE_SHIFT not in hot
-                                for p in present)):
-                chosen += present
-                break
-        else:
-            if need.without:
-                lost.append(need.without)
-    return tuple(chosen), lost
+        present = [[p for p in choice if kernel.symbols.get(p.name) is not None]
+                   for choice in need.choices]
+        cold = [c for c in present if c and all(
+            kernel.symbols.get(p.name) >> PAGE_SHIFT not in hot for p in c)]
+        if cold or not need.without:
+            out.probes += tuple(cold[0] if cold else next((c for c in present if c), ()))
+        elif any(present):
+            out.init_probes += tuple(next(c for c in present if c))
+            out.lost.append(need.without)
+    return out
 
 
 def tracked_caches(kernel) -> list[str]:
@@ -159,7 +164,8 @@ def describe(mode: str, kernel, probes, lost: list[str] = ()) -> str:
         line = (f"tracing with SLUB's allocation tracks ({n} caches keep them) and "
                 f"{len(probes)} breakpoints ({names})")
         if lost:
-            line += ("; in a slab fast path's code page, untraced: " + "; ".join(lost))
+            line += ("; others share a slab fast path's code page and are set only while "
+                     "a module's init runs: " + "; ".join(lost))
         return line
     probes = len(probes)
     return (f"tracing with breakpoints on {probes} allocator functions (the guest keeps "
@@ -182,12 +188,16 @@ class TrackSync:
     alone."""
 
     def __init__(self, kernel, table: ObjectTable, comms: dict[int, str],
-                 resized: dict[int, int]):
+                 resized: dict[int, int], untracked_too: bool = False):
         """`comms`: pid -> comm seen so far (kept up to date here too); `resized`:
-        address -> new size of objects krealloc grew in place since the last sync."""
+        address -> new size of objects krealloc grew in place since the last sync;
+        `untracked_too`: objects of caches that keep no tracks enter the table too
+        (no comm or backtrace), for one trace-free scan (`qemuleak scan`)."""
         self.kernel, self.table, self.comms, self.resized = kernel, table, comms, resized
+        self.untracked_too = untracked_too
         self._stacks: dict[int, tuple[int, ...]] = {}     # depot handles never change
         self.added = self.removed = 0
+        self.tracks_seen = False          # any object with a track in the last sync
 
     def __call__(self, snapshot: Snapshot) -> slub.Inventory:
         """Bring the table in line with `snapshot`; its SLUB inventory."""
@@ -200,7 +210,7 @@ class TrackSync:
                 self.comms.update((t.pid, t.comm) for t in tasks.for_each_thread(kernel))
             except QemuleakError:
                 pass
-            keep = np.flatnonzero(tr.stored)
+            keep = np.arange(len(inv.addresses)) if self.untracked_too else np.flatnonzero(tr.stored)
             addr, when, pid = inv.addresses[keep], tr.when[keep], tr.pid[keep]
             t_addr, _ = table.arrays()
             t_kind, t_jiffies, t_pid = table.columns("kind", "jiffies", "pid")
@@ -222,9 +232,11 @@ class TrackSync:
         for i in new[np.argsort(tr.when[new], kind="stable")].tolist():
             a, p, caller = int(inv.addresses[i]), int(tr.pid[i]), int(tr.caller[i])
             table.add(a, self.resized.get(a, int(sizes[i])), Kind(int(kinds[i])),
-                      cache=names[inv.cache[i]], comm=self.comms.get(p, "?"), pid=p,
+                      cache=names[inv.cache[i]],
+                      comm=self.comms.get(p, "?") if tr.stored[i] else "", pid=p,
                       cpu=max(int(tr.cpu[i]), 0), jiffies=int(tr.when[i]),
                       backtrace=self._stacks.get(int(tr.handle[i]), (caller,) if caller else ()))
         self.resized.clear()
         self.added, self.removed = len(new), int(stale.sum())
+        self.tracks_seen = bool(tr.stored.any())
         return inv

@@ -7,18 +7,17 @@ qemuleak attaches and copies its RAM."""
 
 import sys
 
-import numpy as np
-
 from . import report
 from .formats import render
 from .guest import Guest
-from .kernel import slub, stackdepot, tasks
+from .kernel import slub
 from .kernel.kernel import Kernel
 from .kernel.modules import Symbolizer
-from .objects import Kind, ObjectTable
+from .objects import ObjectTable
+from .provenance import TrackSync
 from .scan import Options, scan
 from .session import ReportOptions, scan_line, write_atomic
-from .snapshot import freeze, guest_frozen
+from .snapshot import freeze
 
 HINT_TRACKS = ("qemuleak: no allocation tracks: boot the guest with slub_debug=U for "
                "each leak's backtrace, pid and age (or use `qemuleak attach`)")
@@ -28,22 +27,10 @@ def inventory_table(kernel, snapshot) -> tuple[ObjectTable, bool, slub.Inventory
     """Every allocated slab object of the frozen guest as a table, in allocation
     order, with SLUB's allocation tracks where the caches keep them; whether any
     did; and the inventory itself."""
-    with guest_frozen(kernel.guest, snapshot):
-        inv = slub.inventory(kernel, snapshot.ram)
-        tracks = slub.alloc_tracks(kernel, snapshot.ram, inv)
-        stacks = stackdepot.fetch(kernel, tracks.handle[tracks.stored]) if tracks.stored.any() else {}
-        comms = {t.pid: t.comm for t in tasks.for_each_thread(kernel)}
     table = ObjectTable()
-    names = [c.name for c in inv.caches]
-    sizes = inv.sizes
-    for i in np.argsort(tracks.when, kind="stable").tolist():
-        pid = int(tracks.pid[i])
-        caller = int(tracks.caller[i])
-        table.add(int(inv.addresses[i]), int(sizes[i]), Kind.CACHE, cache=names[inv.cache[i]],
-                  comm=comms.get(pid, "?") if tracks.stored[i] else "",
-                  pid=pid, cpu=max(int(tracks.cpu[i]), 0), jiffies=int(tracks.when[i]),
-                  backtrace=stacks.get(int(tracks.handle[i]), (caller,) if caller else ()))
-    return table, bool(tracks.stored.any()), inv
+    sync = TrackSync(kernel, table, {}, {}, untracked_too=True)
+    inv = sync(snapshot)
+    return table, sync.tracks_seen, inv
 
 
 def run_scan(target: str, options: ReportOptions, label: str = "scan", vmlinux=None,

@@ -55,8 +55,11 @@ class Session:
         self.symbolizer = Symbolizer(kernel, debug_files=debug_files)
         self.provenance = provenance.choose(kernel, self.options.provenance)
         tracks = self.provenance == "tracks"
-        probes, self.untraced = provenance.tracks_probes(kernel) if tracks else (PROBES, [])
-        self.tracer = Tracer(kernel, self.table, probes, **unwinding(kernel, self.symbolizer))
+        chosen = provenance.tracks_probes(kernel) if tracks else \
+            provenance.TracksProbes(PROBES, (), [])
+        self.untraced = chosen.lost
+        self.tracer = Tracer(kernel, self.table, chosen.probes,
+                             **unwinding(kernel, self.symbolizer), init_probes=chosen.init_probes)
         self.sync = provenance.TrackSync(kernel, self.table, self.tracer.comms,
                                          self.tracer.resized) if tracks else None
         self.reporter = report.Reporter()

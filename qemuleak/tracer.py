@@ -49,7 +49,6 @@ class Probe:
     ptr_arg: int | None = None      # free: the object
     count_arg: int | None = None    # free_bulk: how many, and ptr_arg the array
     flags_arg: int | None = None    # cache_create: the new cache's slab_flags_t
-    any_caller: bool = False        # cache_create: also for the core kernel's caches
 
 
 # The 6.1 allocation API; the tracer breaks on those the guest's symbols have.
@@ -135,13 +134,16 @@ class Tracer:
     """Breakpoints on the guest kernel's allocator, feeding an object table."""
 
     def __init__(self, kernel, table, probes=PROBES, unwinder=None, on_module_load=None,
-                 entry: str = "auto"):
+                 entry: str = "auto", init_probes=()):
         """`unwinder(regs, stack) -> return addresses` turns an entry stop's saved
         registers and stack copy into a backtrace (default: the entry PC only);
         `on_module_load()` runs, with the guest stopped, when a module is loaded.
         `entry`: "auto" puts each breakpoint on the function's ftrace NOP when it
         has one, else on its first instruction; "step" always on the first
-        instruction (what a kernel without ftrace gets; for measurements)."""
+        instruction (what a kernel without ftrace gets; for measurements).
+        `init_probes` are set only while a module's init function runs (from
+        do_init_module's entry to its return): their pages are hot, and a
+        breakpoint slows every call through its page while it is in."""
         self.on_module_load = on_module_load or (lambda: None)
         self.interrupted = False      # set by Ctrl-C / SIGTERM under `tracing`
         self.kernel = kernel
@@ -158,16 +160,18 @@ class Tracer:
         # which is then single-stepped with the breakpoint in place (QEMU 6.1+:
         # "Singlestep overrides breakpoints"), no z0/Z0 pair.
         self.probes: dict[int, Probe] = {}
+        self.init_probes: dict[int, Probe] = {}
         self._nop_length: dict[int, int] = {}             # breakpoint -> NOP under it (0: step)
-        for probe in probes:
+        for probe in (*probes, *init_probes):
             address = kernel.symbols.get(probe.name)
             if address is None:
                 continue
             nop = self.arch.entry_nop(kernel.guest.read(address, 16)) if entry == "auto" else None
             at, length = nop if nop is not None else (0, 0)
-            self.probes[address + at] = probe
+            (self.probes if probe in probes else self.init_probes)[address + at] = probe
             self._nop_length[address + at] = length
         self.stepped = sorted(p.name for a, p in self.probes.items() if not self._nop_length[a])
+        self._inits = 0                   # module inits running: init_probes are in while > 0
         if not any(p.role == "alloc" for p in self.probes.values()):
             raise QemuleakError("none of the kernel's allocation functions is in the symbols",
                                 "pass --vmlinux or --system-map for this kernel")
@@ -205,8 +209,9 @@ class Tracer:
         self.rsp.remove_all_breakpoints()
         # calls that entered but never returned (a task can sleep inside kmalloc):
         # their objects stay out of the table
-        self.in_flight = len(self.pending)
+        self.in_flight = sum(p.probe.role != "module" for p in self.pending.values())
         self.pending.clear()
+        self._inits = 0
         self.return_sites.clear()
 
     # -- the loop ----------------------------------------------------------
@@ -233,7 +238,7 @@ class Tracer:
         cpu = self._cpu_of.get(stop.thread or "", 0)
         regs = self._registers(stop.thread)
         pc = regs[self.arch.pc_reg]
-        probe = self.probes.get(pc)
+        probe = self.probes.get(pc) or (self.init_probes.get(pc) if self._inits else None)
         if probe is not None:
             if probe.role in ("alloc", "alloc_bulk", "realloc"):
                 self._enter_alloc(probe, cpu, regs, pc)
@@ -249,6 +254,8 @@ class Tracer:
                 self._who(cpu, regs)              # the loader's comm, for its objects
                 self.unwind_pending()
                 self.on_module_load()
+                if self.init_probes:
+                    self._module_init(probe, cpu, regs)
             if self._nop_length[pc]:
                 self._write_pc(stop.thread, pc + self._nop_length[pc])
             else:
@@ -330,6 +337,12 @@ class Tracer:
             self.rsp.remove_breakpoint(pc, self.kind)
         if entry is None:
             return                                 # a call we did not see enter
+        if entry.probe.role == "module":           # the module's init is done
+            self._inits -= 1
+            if not self._inits:
+                for address in self.init_probes:
+                    self.rsp.remove_breakpoint(address, self.kind)
+            return
         address = regs[self.arch.return_reg]
         if entry.probe.role == "realloc":
             if address == entry.old and entry.size and \
@@ -389,12 +402,25 @@ class Tracer:
         self.comms[pid] = comm
         return comm, pid, 0
 
+    def _module_init(self, probe: Probe, cpu: int, regs: dict) -> None:
+        """do_init_module entered: the init probes go in until it returns."""
+        if not self._inits:
+            for address in self.init_probes:
+                self.rsp.insert_breakpoint(address, self.kind)
+        self._inits += 1
+        site, sp_after = self.arch.return_site(regs, self.guest.read_u64)
+        self.pending[sp_after] = Pending(probe, 0, "", 0, cpu, 0, 0, regs, None, site)
+        waiting = self.return_sites.get(site, 0)
+        if waiting == 0:
+            self.rsp.insert_breakpoint(site, self.kind)
+        self.return_sites[site] = waiting + 1
+
     def _cache_create(self, probe: Probe, cpu: int, regs: dict, thread) -> None:
         """A module creates a slab cache: make it keep allocation tracks, as
         slub_debug=U would (SLUB then never merges it with another cache). Only
         done when the kernel's own caches keep them (tracks mode)."""
         site, _ = self.arch.return_site(regs, self.guest.read_u64)
-        if not probe.any_caller and self._core_text[0] <= site < self._core_text[1]:
+        if self._core_text[0] <= site < self._core_text[1]:
             return
         reg = self.arch.arg_regs[probe.flags_arg]
         flags = regs[reg]

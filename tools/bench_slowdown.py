@@ -182,8 +182,9 @@ def main() -> int:
 
 
 def fmt(times: dict) -> str:
-    return ", ".join(f"{k} {v:.1f} s" for k, v in times.items()
-                     if not k.endswith(("stops", "allocs", "cycles/s")))
+    return ", ".join(f"{k} {v:.1f} s" + (f" ({times[k + ' stops']} stops)"
+                                         if k + " stops" in times else "")
+                     for k, v in times.items() if not k.endswith(("stops", "allocs", "cycles/s")))
 
 
 if __name__ == "__main__":

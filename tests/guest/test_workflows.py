@@ -75,9 +75,13 @@ def test_run_leaky_sarif_with_suppressions(tmp_path):
         print("exit_leak not reported by the final scan (a stale word?)")
 
 
-def test_run_leaky_junit(tmp_path, arch):
-    p, out, objs = leaky_run(arch, tmp_path, "junit")
+# run boots with allocation tracks and takes them (auto), unless told otherwise
+@pytest.mark.parametrize("provenance, says", [
+    ("auto", "tracing with SLUB's allocation tracks"), ("breakpoints", "tracing with breakpoints")])
+def test_run_leaky_junit(tmp_path, arch, provenance, says):
+    p, out, objs = leaky_run(arch, tmp_path, "junit", "--provenance", provenance)
     assert p.returncode == 1, p.stderr
+    assert says in p.stderr, p.stderr
     suite = ET.parse(out).getroot()
     cases = {c.get("name"): c for c in suite.iter("testcase")}
     assert set(cases) == {"loaded", "final"}
@@ -154,10 +158,15 @@ def test_run_drive_without_the_disk_driver_exits_2(tmp_path):
     assert "hint: with --drive the kernel needs virtio_blk" in p.stderr, p.stderr
 
 
-def test_attach_ctl_end_to_end(boot, guest_image, tmp_path):
+# a guest booted with allocation tracks is traced with them, one without with
+# breakpoints (auto)
+@pytest.mark.parametrize("append, says", [
+    ("", "tracing with breakpoints"),
+    ("slub_debug=U,kmalloc-*", "tracing with SLUB's allocation tracks")])
+def test_attach_ctl_end_to_end(boot, guest_image, tmp_path, append, says):
     """QEMU started on its own with a TCP gdbstub, KASLR on; attach; leaky loaded
     after attaching; ctl scan, dump=, clear, stack=off; Ctrl-C; the guest runs on."""
-    vm = boot(modules=("leaky",), gdb="tcp")
+    vm = boot(modules=("leaky",), gdb="tcp", append=append)
     out, sock = tmp_path / "report.json", tmp_path / "ctl.sock"
     p = subprocess.Popen([*CLI, "attach", vm.gdb_target, "--system-map",
                           str(guest_image.system_map), "--control", str(sock),
@@ -168,6 +177,7 @@ def test_attach_ctl_end_to_end(boot, guest_image, tmp_path):
     while "tracing" not in err and p.poll() is None:
         err += p.stderr.readline()
     assert p.poll() is None, err + p.stderr.read()
+    assert says in err, err
     assert (sock.stat().st_mode & 0o777) == 0o600
 
     def ctl(*command):
