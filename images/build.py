@@ -326,6 +326,10 @@ def run_bytes(cmd: list[str]) -> bytes:
 
 
 def build(arch: Arch, force: bool, series: str = DEFAULT_SERIES) -> GuestImage:
+    if SERIES[series].startswith("linux-source-"):   # built from source, without ftrace
+        sys.path.insert(0, str(HERE))
+        import kernel_build
+        return kernel_build.build(sys.modules[__name__], arch, force)
     release, version = resolve_kernel(arch, series)
     out = arch_dir(arch.name) / release
     out.mkdir(parents=True, exist_ok=True)

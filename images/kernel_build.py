@@ -64,7 +64,7 @@ def source_tree(b, version: str) -> Path:
     work_root().mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tree, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=work_root()) as tmp:
-        b.run(["tar", "-xf", str(TARBALL), "-C", tmp])
+        b.run(["nice", "-n", "10", "tar", "-xf", str(TARBALL), "-C", tmp])
         os.replace(Path(tmp) / SOURCE_PACKAGE, tree)
     stamp.write_text(version)
     # build trees made from the old source are stale

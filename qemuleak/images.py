@@ -4,9 +4,10 @@ Layout: ${QEMULEAK_CACHE:-~/.cache/qemuleak}/images/<arch>/<kernel-release>/ hol
 the kernel, the debug vmlinux, System.map, config, busybox, the base initramfs, the
 test modules, and a disk-root guest (a busybox rootfs.ext2 and the loader initrd that
 loads the kernel's virtio_blk module and switch_roots into it), described by
-manifest.json. Kernels come in series (SERIES: "6.1", Debian 12's own kernel, and
-"6.12", its LTS backport); images/<arch>/current-<series> names the release of that
-series built last, the guest for that arch and series. The default series is
+manifest.json. Kernels come in series (SERIES: "6.1", Debian 12's own kernel,
+"6.12", its LTS backport, and "6.1-tiny", built from source without ftrace);
+images/<arch>/current-<series> names the release of that series built last, the guest
+for that arch and series. The default series is
 $QEMULEAK_SERIES, else DEFAULT_SERIES; a plain images/<arch>/current (written by older
 builds, and still for the default series) is read when current-<series> is missing.
 """
@@ -21,7 +22,10 @@ from .errors import ImageError
 
 MANIFEST = "manifest.json"
 # series -> the Debian metapackage (format arch = Debian arch) that names its newest ABI
-SERIES = {"6.1": "linux-image-cloud-{arch}", "6.12": "linux-image-6.12-cloud-{arch}"}
+# except "6.1-tiny": a kernel without ftrace built from the linux-source-6.1 package
+# (images/kernel_build.py: tinyconfig plus images/noftrace/*.config)
+SERIES = {"6.1": "linux-image-cloud-{arch}", "6.12": "linux-image-6.12-cloud-{arch}",
+          "6.1-tiny": "linux-source-6.1"}
 DEFAULT_SERIES = "6.1"
 
 
