@@ -9,7 +9,8 @@ cheapest source the guest offers goes first:
   areas and their frees, krealloc (SLUB keeps the first size of an object grown
   in place), module loads, cache creation (a module's new cache is made to keep
   tracks too) and task exits (the comm of a pid that is gone by the scan); and
-  none in a code page of the slab fast paths (see HOT, tracks_probes).
+  none in a code page of the slab fast paths but while a module's init runs
+  (see HOT, tracks_probes).
 - "breakpoints": every allocation and free function (tracer.PROBES).
 
 The scan does not care which one filled the table.
