@@ -192,7 +192,9 @@ class Tracer:
         self._comm_off = kernel.types.offsetof("struct task_struct", "comm")
         self._pid_off = kernel.types.offsetof("struct task_struct", "pid")
         self._jiffies = kernel.symbols.get("jiffies")
-        self._preempt = self._preempt_count_reader()
+        read_count = tasks.preempt_count_reader(kernel)
+        self._preempt = lambda cpu, regs: read_count(self.arch.percpu_base(regs) or 0,
+                                                     lambda: self._current(cpu, regs))
         self.kind = self.arch.breakpoint_kind
         self.store_user = slub.slab_flag(kernel, "SLAB_STORE_USER")
         self._core_text = (kernel.symbols.get("_stext") or 0, kernel.symbols.get("_etext") or 0)
@@ -429,21 +431,6 @@ class Tracer:
 
     def _current(self, cpu: int, regs: dict) -> int:
         return tasks.current_task(self.kernel, cpu, regs)
-
-    def _preempt_count_reader(self):
-        """How to read the preempt count at a stop: per-CPU (x86) or in
-        current's thread_info (arm64), whichever the kernel has."""
-        sym = self.kernel.symbols
-        t = self.kernel.types
-        count = sym.get("__preempt_count")
-        if count is not None:
-            return lambda cpu, regs: self.kernel.read_u32(self.arch.percpu_base(regs) + count)
-        if t.has_member("struct task_struct", "thread_info") and \
-                t.has_member("struct thread_info", "preempt_count"):
-            off = t.offsetof("struct task_struct", "thread_info") + \
-                t.offsetof("struct thread_info", "preempt_count")
-            return lambda cpu, regs: self.kernel.read_u32(self._current(cpu, regs) + off)
-        return lambda cpu, regs: 0
 
     def _read_jiffies(self) -> int:
         return self.guest.read_u64(self._jiffies) if self._jiffies is not None else 0
