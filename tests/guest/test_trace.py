@@ -94,6 +94,7 @@ def guest_alive(vm, tag: str) -> None:
 # "step": breakpoints on each function's first instruction, stepped with the
 # breakpoint in place, as on a kernel without ftrace's NOPs
 @pytest.mark.parametrize("entry", ["auto", "step"])
+@pytest.mark.series("6.1", "6.12")
 def test_leaky_allocations_and_frees(boot, guest_image, arch, entry):
     vm = boot(files={"dc": b"echo 3 > /proc/sys/vm/drop_caches\n"})
     with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
