@@ -44,6 +44,7 @@ class Cache:
     flags: int = 0             # slab_flags_t
     inuse: int = 0             # where the metadata after an object starts
     store_user: int = SLAB_STORE_USER   # this kernel's SLAB_STORE_USER (see slab_flag)
+    kmalloc_flag: int = SLAB_KMALLOC    # this kernel's SLAB_KMALLOC
 
     @property
     def tracks(self) -> int | None:
@@ -58,7 +59,12 @@ class Cache:
     def keeps_requested_size(self) -> bool:
         """A kmalloc cache with tracks stores the size kmalloc was asked for after
         its two tracks (6.1: "mm/slub: store kmalloc's original request size")."""
-        return self.tracks is not None and bool(self.flags & SLAB_KMALLOC)
+        return self.tracks is not None and self.is_kmalloc
+
+    @property
+    def is_kmalloc(self) -> bool:
+        """One of kmalloc's caches (SLAB_KMALLOC, as this kernel numbers it)."""
+        return bool(self.flags & self.kmalloc_flag)
 
 
 def _word(raw: bytes, at: int = 0, width: int = 8) -> int:
@@ -127,6 +133,7 @@ def caches(kernel, memory: _Memory | None = None) -> list[Cache]:
     nodes = kernel.read_u32(ids) if ids is not None else 1
     memory = memory or _Memory(kernel)
     store_user = slab_flag(kernel, "SLAB_STORE_USER")
+    kmalloc_flag = slab_flag(kernel, "SLAB_KMALLOC")
     ends = [o + 8 for o in off.values()] + [off["node"] + 8 * nodes]
     ends += [random + 8] if random is not None else []
     ends += [red + 4] if red is not None else []
@@ -141,7 +148,8 @@ def caches(kernel, memory: _Memory | None = None) -> list[Cache]:
             _word(raw, random) if random is not None else None,
             _word(raw, red, 4) if red is not None else 0, _word(raw, off["cpu_slab"]),
             tuple(n for n in (_word(raw, off["node"] + 8 * i) for i in range(nodes)) if n),
-            _word(raw, off["flags"], 4), _word(raw, off["inuse"], 4), store_user))
+            _word(raw, off["flags"], 4), _word(raw, off["inuse"], 4), store_user,
+            kmalloc_flag))
     return out
 
 
