@@ -27,6 +27,7 @@ from . import initramfs, provenance
 from .errors import GuestConnectionError, LaunchError, QemuleakError
 from .guest import Guest
 from .images import find_image
+from .kofile import check_modules
 from .kernel.kernel import Kernel
 from .launch import VM, VMConfig
 from .session import ReportOptions, Session, scan_line
@@ -82,6 +83,7 @@ def run(opts: RunOptions, report: ReportOptions, out=sys.stdout, err=sys.stderr)
             continue
         if not Path(path).is_file():
             raise QemuleakError(f"{what} not found: {path}", "check the path")
+    check_modules(opts.modules, opts.arch, kernel)          # before anything boots
     with tempfile.TemporaryDirectory(prefix="qemuleak-run-") as tmp:
         files = {"bin/qemuleak-scan": SCAN_SCRIPT.encode(),
                  "qemuleak/run.sh": opts.commands.encode(),

@@ -255,3 +255,24 @@ def test_symbols_of_another_kernel_exit_2(boot, guest_image, tmp_path):
     assert "Traceback" not in p.stderr
     vm.send_line("echo still-$((40+2))")
     vm.wait_for_line("still-42", timeout=60)
+
+
+def test_run_module_for_another_kernel_exits_2_before_booting(monkeypatch):
+    """A module built for another arch or another kernel release: one line naming
+    the module, what it is for and what the guest runs; exit 2, no boot."""
+    monkeypatch.delenv("QEMULEAK_SERIES", raising=False)      # run's default kernel: 6.1
+    x86, arm = guest_image_for("x86_64", "6.1"), guest_image_for("arm64", "6.1")
+    start = time.monotonic()
+    p = qemuleak("run", "--arch", "x86_64", "--module", arm.module("leaky"), "-c", "true",
+                 timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert f"module leaky.ko is for arm64 ({arm.release}); the guest is x86_64 ({x86.release})" \
+        in p.stderr, p.stderr
+    assert "booting" not in p.stderr and "Traceback" not in p.stderr
+    other = guest_image_for("x86_64", "6.12")
+    p = qemuleak("run", "--arch", "x86_64", "--module", other.module("leaky"), "-c", "true",
+                 timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert f"module leaky.ko is for kernel {other.release} (x86_64); the guest runs " \
+           f"{x86.release} (x86_64)" in p.stderr, p.stderr
+    assert time.monotonic() - start < 30          # nothing booted
