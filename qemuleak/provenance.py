@@ -175,7 +175,7 @@ def describe(mode: str, kernel, probes, lost: list[str] = ()) -> str:
 
 def _kinds(inv: slub.Inventory) -> np.ndarray:
     """Per object: KMALLOC for kmalloc caches, else CACHE."""
-    per_cache = np.array([int(Kind.KMALLOC) if c.flags & slub.SLAB_KMALLOC else int(Kind.CACHE)
+    per_cache = np.array([int(Kind.KMALLOC) if c.is_kmalloc else int(Kind.CACHE)
                           for c in inv.caches], np.int64)
     return per_cache[inv.cache] if len(per_cache) else np.zeros(0, np.int64)
 
