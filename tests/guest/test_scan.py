@@ -215,6 +215,7 @@ def test_stack_off_reports_the_object_only_on_a_stack(session, arch):
     assert "stack_kept" in off
 
 
+@pytest.mark.series("6.1", "6.12")
 def test_exit_leak_after_rmmod(session, arch):
     s = session()
     s.run("insmod /modules/leaky.ko", "leaky: ready")
@@ -260,6 +261,7 @@ def test_objects_freed_while_not_tracing_are_not_reported(session, arch):
             (untracked, sorted(names(result.leaks, objs)), report.format_text(result.leaks))
 
 
+@pytest.mark.series("6.1", "6.12")
 def test_idle_guest_scanned_repeatedly_reports_nothing(session, arch):
     s = session(modules=())
     for i in range(3):

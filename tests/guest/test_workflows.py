@@ -76,9 +76,10 @@ def test_run_leaky_sarif_with_suppressions(tmp_path):
 
 
 # run boots with allocation tracks and takes them (auto), unless told otherwise
+@pytest.mark.series("6.1", "6.12")
 @pytest.mark.parametrize("provenance, says", [
     ("auto", "tracing with SLUB's allocation tracks"), ("breakpoints", "tracing with breakpoints")])
-def test_run_leaky_junit(tmp_path, arch, provenance, says):
+def test_run_leaky_junit(tmp_path, arch, series, provenance, says):
     p, out, objs = leaky_run(arch, tmp_path, "junit", "--provenance", provenance)
     assert p.returncode == 1, p.stderr
     assert says in p.stderr, p.stderr
@@ -160,6 +161,7 @@ def test_run_drive_without_the_disk_driver_exits_2(tmp_path):
 
 # a guest booted with allocation tracks is traced with them, one without with
 # breakpoints (auto)
+@pytest.mark.series("6.1", "6.12")
 @pytest.mark.parametrize("append, says", [
     ("", "tracing with breakpoints"),
     ("slub_debug=U,kmalloc-*", "tracing with SLUB's allocation tracks")])
