@@ -35,7 +35,8 @@ KERNEL_ARCH = {"x86_64": "x86_64", "arm64": "arm64"}
 MUST = {"CONFIG_FUNCTION_TRACER": None, "CONFIG_DEBUG_KMEMLEAK": None, "CONFIG_SLUB": "y",
         "CONFIG_SLUB_DEBUG": "y", "CONFIG_STACKDEPOT": "y", "CONFIG_DEBUG_INFO": "y",
         "CONFIG_KALLSYMS_ALL": "y", "CONFIG_MODULES": "y", "CONFIG_SMP": "y",
-        "CONFIG_CRASH_CORE": "y"}
+        "CONFIG_CRASH_CORE": "y", "CONFIG_SPARSEMEM_VMEMMAP": "y",
+        "CONFIG_DEBUG_INFO_BTF": "y"}   # BTF: pahole (dwarves)
 
 
 def work_root() -> Path:

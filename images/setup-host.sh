@@ -2,7 +2,8 @@
 # Install the host packages qemuleak needs, only those missing: QEMU for both arches,
 # cpio, make, the arm64 cross compiler, kbuild's build tools, and e2fsprogs (mke2fs
 # -d makes the test guests' rootfs.ext2 without root rights), and linux-source-6.1
-# (the no-ftrace test kernel images/kernel_build.py builds). Enables Debian's
+# and dwarves (pahole: BTF) for the no-ftrace test kernel images/kernel_build.py
+# builds. Enables Debian's
 # arm64 architecture so images/build.py can download arm64 kernels, headers and
 # busybox (they are unpacked into the cache, never installed). Fast when all is there.
 set -euo pipefail
@@ -13,7 +14,7 @@ SUDO=""
 PKGS=(qemu-system-x86 qemu-system-arm cpio make gcc gcc-12
       gcc-aarch64-linux-gnu gcc-12-aarch64-linux-gnu libc6-dev-arm64-cross
       bc flex bison libelf-dev libssl-dev dpkg-dev xz-utils python3-venv gdb e2fsprogs
-      linux-source-6.1)
+      linux-source-6.1 dwarves)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -106,18 +106,19 @@ def test_run_leaky(tiny, arch, tmp_path, provenance, says):
     print(provenance, "found:", sorted(found))
 
 
-@pytest.mark.parametrize("append, says", [
-    ("", "tracing with breakpoints"),
-    ("slub_debug=U,kmalloc-*", "tracing with SLUB's allocation tracks")])
-def test_attach_leaky(boot, tiny, tmp_path, append, says):
-    """QEMU started on its own with a TCP gdbstub; attach with the vmlinux; leaky
+# symbols: the System.map (types from the kernel's BTF, in guest memory), or the
+# vmlinux (types from its DWARF)
+@pytest.mark.parametrize("append, says, symbols", [
+    ("", "tracing with breakpoints", "--system-map"),
+    ("slub_debug=U,kmalloc-*", "tracing with SLUB's allocation tracks", "--vmlinux")])
+def test_attach_leaky(boot, tiny, tmp_path, append, says, symbols):
+    """QEMU started on its own with a TCP gdbstub; attach; leaky
     loaded after attaching; ctl scan; Ctrl-C; the guest runs on."""
     vm = boot(modules=("leaky",), gdb="tcp", append=append)
     out, sock = tmp_path / "report.json", tmp_path / "ctl.sock"
-    # the vmlinux: types from its DWARF (the tiny kernel has no BTF, so a System.map
-    # alone is not enough: "the kernel has no BTF and no vmlinux was given")
-    p = subprocess.Popen([*CLI, "attach", vm.gdb_target, "--vmlinux",
-                          str(tiny.vmlinux), "--control", str(sock),
+    p = subprocess.Popen([*CLI, "attach", vm.gdb_target, symbols,
+                          str(tiny.system_map if symbols == "--system-map" else tiny.vmlinux),
+                          "--control", str(sock),
                           "--scan-interval", "0", "--format", "json", "--output", str(out),
                           "--untracked", "ignore", "--module-filter", "leaky"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
