@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from ..errors import QemuleakError
 from ..pagetable import PagingFormat
 from . import Arch
 
@@ -70,19 +71,39 @@ class X86_64(Arch):
         at = kernel.symbols.get("vmemmap_base")
         if at is None and kernel.info is not None:
             at = kernel.info.symbol("vmemmap_base")
-        return kernel.read_u64(at) if at is not None else None
+        if at is None:     # no DYNAMIC_MEMORY_LAYOUT (tinyconfig, no KASLR): fixed
+            return _fixed(kernel, VMEMMAP_START_L4)
+        return kernel.read_u64(at)
 
     def linear_offset(self, kernel) -> int | None:
         # page_offset_base moves with KASLR's memory randomization too
         at = kernel.symbols.get("page_offset_base")
         if at is None and kernel.info is not None:
             at = kernel.info.symbol("page_offset_base")
-        return kernel.read_u64(at) if at is not None else None
+        if at is None:     # no DYNAMIC_MEMORY_LAYOUT (tinyconfig, no KASLR): fixed
+            return _fixed(kernel, PAGE_OFFSET_L4)
+        return kernel.read_u64(at)
 
     def percpu_base(self, regs: dict[str, int]) -> int | None:
         # The kernel's GS base is the per-CPU offset (per-CPU data is linked at 0);
         # in user mode swapgs has parked it in KERNEL_GS_BASE.
         return regs["gs_base"] if self.in_kernel(regs) else regs.get("k_gs_base")
+
+
+# A kernel without CONFIG_DYNAMIC_MEMORY_LAYOUT (no RANDOMIZE_MEMORY and no X86_5LEVEL,
+# e.g. tinyconfig plus what a guest needs) has neither page_offset_base nor
+# vmemmap_base: its direct map and vmemmap sit at 4-level paging's fixed bases.
+PAGE_OFFSET_L4 = 0xFFFF888000000000      # __PAGE_OFFSET_BASE_L4
+VMEMMAP_START_L4 = 0xFFFFEA0000000000    # __VMEMMAP_BASE_L4
+
+
+def _fixed(kernel, base: int) -> int | None:
+    """`base` if the kernel's page tables map it (the fixed layout is in use), else None."""
+    try:
+        kernel.guest.page_tables().translate(base)
+    except QemuleakError:
+        return None
+    return base
 
 
 ARCH = X86_64()
