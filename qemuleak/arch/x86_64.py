@@ -55,7 +55,12 @@ class X86_64(Arch):
     def kernel_root_candidates(self, regs: dict[str, int]) -> list[int]:
         # Bits 0-11 are the PCID; with page-table isolation a vCPU stopped in user
         # mode runs on the user half of an 8 KiB PGD pair, the kernel's is below.
-        return [regs["cr3"] & 0x000FFFFFFFFFE000]
+        # Without it (no PAGE_TABLE_ISOLATION, e.g. the tinyconfig-based no-ftrace
+        # guest) a PGD is one 4 KiB page, at an odd page as often as not: the page
+        # CR3 names comes first, the pair's lower half second (the fuller one wins,
+        # the first on a tie).
+        exact = regs["cr3"] & 0x000FFFFFFFFFF000
+        return [exact] if exact & 0x1000 == 0 else [exact, exact & ~0x1FFF]
 
     def paging_format(self, regs: dict[str, int]) -> PagingFormat:
         return FIVE_LEVEL if regs["cr4"] & CR4_LA57 else FOUR_LEVEL
