@@ -56,8 +56,9 @@ def check_leaky_leaks(scan: dict, objs) -> dict[str, dict]:
     # rcu_freed waits in a kfree_rcu batch, a page from the page allocator that
     # --untracked ignore does not scan, until a grace period (5 s batches) frees it
     assert set(found) <= LEAKY_LEAKS | LEAKY_RCU_FREED, sorted(found)
-    # the slab leaks announced, each reported (stale words may hide a leak, but
-    # none of these was ever seen hidden: nothing else points at them)
+    # these four are always expected (a stale word could hide one, but in 4 runs of
+    # this file per arch here none was; krealloc_moved is missed in breakpoints
+    # mode: this kernel inlines krealloc's allocation, so no probe sees it)
     for name in ("kmalloc_leak", "cache_leak", "vmalloc_leak", "backtrace_leak"):
         assert name in found, (name, sorted(found))
     for name, leak in found.items():
@@ -70,8 +71,7 @@ def check_leaky_leaks(scan: dict, objs) -> dict[str, dict]:
 
 def test_kernel_has_no_ftrace(tiny):
     config = tiny.config.read_text()
-    assert "# CONFIG_FUNCTION_TRACER is not set" in config or \
-        "CONFIG_FUNCTION_TRACER=y" not in config
+    assert "CONFIG_FUNCTION_TRACER=y" not in config and "CONFIG_FTRACE=y" not in config
     assert "CONFIG_SLUB_DEBUG=y" in config and "CONFIG_DEBUG_KMEMLEAK=y" not in config
     symbols = {line.split()[2] for line in tiny.system_map.read_text().splitlines()}
     assert "ftrace_caller" not in symbols and "__start_mcount_loc" not in symbols
