@@ -170,6 +170,9 @@ class Tracer:
             at, length = nop if nop is not None else (0, 0)
             (self.probes if probe in probes else self.init_probes)[address + at] = probe
             self._nop_length[address + at] = length
+        # slab allocations are traced here (breakpoints mode), not read from tracks
+        self.slab_probes = any(p.kind in ("kmalloc", "cache") and p.role == "alloc"
+                               for p in self.probes.values())
         self.stepped = sorted(p.name for a, p in self.probes.items() if not self._nop_length[a])
         self._inits = 0                   # module inits running: init_probes are in while > 0
         if not any(p.role == "alloc" for p in self.probes.values()):
@@ -350,7 +353,13 @@ class Tracer:
             if address == entry.old and entry.size and \
                     self.table.move(address, address, entry.size) is None:
                 self.resized[address] = entry.size     # for provenance.TrackSync
-            return
+            # A moved object is seen by the kmalloc inside krealloc, unless the
+            # compiler inlined it (a tiny 6.1 kernel: __kmalloc_node_track_caller into
+            # krealloc): then the new object is krealloc's own. Not in tracks mode,
+            # where slab objects come from SLUB's tracks.
+            if address == entry.old or not self.slab_probes or \
+                    address in (0, ZERO_SIZE_PTR) or self.table.get(address) is not None:
+                return
         addresses = [address]
         if entry.probe.role == "alloc_bulk":       # the result is a count
             addresses = [] if not 0 < address <= 1 << 16 else \
