@@ -24,7 +24,7 @@ from .errors import QemuleakError
 from .kernel import slub, stackdepot, tasks
 from .objects import Kind, ObjectTable
 from .snapshot import Snapshot, guest_frozen
-from .tracer import PROBES, Probe
+from .tracer import PROBES, Probe, Tracer
 
 MODES = ("auto", "tracks", "breakpoints")
 HINT_BOOT = ("boot the guest with slub_debug=U,kmalloc-* and qemuleak traces with "
@@ -127,6 +127,26 @@ def tracks_probes(kernel, probes=PROBES) -> TracksProbes:
             out.init_probes += tuple(next(c for c in present if c))
             out.lost.append(need.without)
     return out
+
+
+@dataclass
+class Watch:
+    """What fills an object table in one mode: the tracer, and in tracks mode the
+    TrackSync to call with each snapshot; `lost`: see TracksProbes."""
+
+    tracer: Tracer
+    sync: "TrackSync | None"
+    lost: list[str]
+
+
+def watch(kernel, mode: str, table: ObjectTable, **tracer_args) -> Watch:
+    """The tracer (its breakpoints chosen for `mode`, "tracks" or "breakpoints")
+    and, in tracks mode, the TrackSync that fill `table`."""
+    tracks = mode == "tracks"
+    chosen = tracks_probes(kernel) if tracks else TracksProbes(PROBES, (), [])
+    tracer = Tracer(kernel, table, chosen.probes, init_probes=chosen.init_probes, **tracer_args)
+    sync = TrackSync(kernel, table, tracer.comms, tracer.resized) if tracks else None
+    return Watch(tracer, sync, chosen.lost)
 
 
 def tracked_caches(kernel) -> list[str]:

@@ -23,7 +23,6 @@ from .kernel.modules import Symbolizer
 from .objects import Flags, ObjectTable
 from .scan import Options, Result, frames, scan
 from .snapshot import freeze
-from .tracer import PROBES, Tracer
 
 
 @dataclass
@@ -54,14 +53,9 @@ class Session:
         self.table = ObjectTable()
         self.symbolizer = Symbolizer(kernel, debug_files=debug_files)
         self.provenance = provenance.choose(kernel, self.options.provenance)
-        tracks = self.provenance == "tracks"
-        chosen = provenance.tracks_probes(kernel) if tracks else \
-            provenance.TracksProbes(PROBES, (), [])
-        self.untraced = chosen.lost
-        self.tracer = Tracer(kernel, self.table, chosen.probes,
-                             **unwinding(kernel, self.symbolizer), init_probes=chosen.init_probes)
-        self.sync = provenance.TrackSync(kernel, self.table, self.tracer.comms,
-                                         self.tracer.resized) if tracks else None
+        w = provenance.watch(kernel, self.provenance, self.table,
+                             **unwinding(kernel, self.symbolizer))
+        self.tracer, self.sync, self.untraced = w.tracer, w.sync, w.lost
         self.reporter = report.Reporter()
         self.scans: list[report.Scan] = []
         self.last: Result | None = None

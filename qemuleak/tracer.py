@@ -195,9 +195,7 @@ class Tracer:
         self._comm_off = kernel.types.offsetof("struct task_struct", "comm")
         self._pid_off = kernel.types.offsetof("struct task_struct", "pid")
         self._jiffies = kernel.symbols.get("jiffies")
-        read_count = tasks.preempt_count_reader(kernel)
-        self._preempt = lambda cpu, regs: read_count(self.arch.percpu_base(regs) or 0,
-                                                     lambda: self._current(cpu, regs))
+        self._preempt_count = tasks.preempt_count_reader(kernel)
         self.kind = self.arch.breakpoint_kind
         self.store_user = slub.slab_flag(kernel, "SLAB_STORE_USER")
         self._core_text = (kernel.symbols.get("_stext") or 0, kernel.symbols.get("_etext") or 0)
@@ -293,6 +291,10 @@ class Tracer:
             entry.old = regs[args[probe.ptr_arg]]
         self.pending[sp_after] = entry
         self._to_unwind.append(entry)
+        self._wait_at(site)
+
+    def _wait_at(self, site: int) -> None:
+        """One more call returns to `site`: a breakpoint there while any waits."""
         waiting = self.return_sites.get(site, 0)
         if waiting == 0:
             self.rsp.insert_breakpoint(site, self.kind)
@@ -401,12 +403,18 @@ class Tracer:
     # -- who and when --------------------------------------------------------
     def _who(self, cpu: int, regs: dict) -> tuple[str, int, int]:
         """kmemleak's comm and pid: the task, or hardirq/softirq with pid 0."""
-        count = self._preempt(cpu, regs)
+        current: list[int] = []          # found once: arm64's count is read through it too
+
+        def current_task() -> int:
+            if not current:
+                current.append(tasks.current_task(self.kernel, cpu, regs))
+            return current[0]
+        count = self._preempt_count(self.arch.percpu_base(regs) or 0, current_task)
         if count & HARDIRQ_MASK:
             return "hardirq", 0, Flags.HARDIRQ
         if count & SOFTIRQ_OFFSET:
             return "softirq", 0, Flags.SOFTIRQ
-        task = self._current(cpu, regs)
+        task = current_task()
         raw = self.guest.read(task + self._comm_off, 16)
         pid = int.from_bytes(self.guest.read(task + self._pid_off, 4), "little", signed=True)
         comm = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -421,10 +429,7 @@ class Tracer:
         self._inits += 1
         site, sp_after = self.arch.return_site(regs, self.guest.read_u64)
         self.pending[sp_after] = Pending(probe, 0, "", 0, cpu, 0, 0, regs, None, site)
-        waiting = self.return_sites.get(site, 0)
-        if waiting == 0:
-            self.rsp.insert_breakpoint(site, self.kind)
-        self.return_sites[site] = waiting + 1
+        self._wait_at(site)
 
     def _cache_create(self, probe: Probe, cpu: int, regs: dict, thread) -> None:
         """A module creates a slab cache: make it keep allocation tracks, as
@@ -437,9 +442,6 @@ class Tracer:
         flags = regs[reg]
         if not flags & self.store_user:
             self.guest.write_register(reg, flags | self.store_user, thread)
-
-    def _current(self, cpu: int, regs: dict) -> int:
-        return tasks.current_task(self.kernel, cpu, regs)
 
     def _read_jiffies(self) -> int:
         return self.guest.read_u64(self._jiffies) if self._jiffies is not None else 0

@@ -22,7 +22,7 @@ from qemuleak.objects import ObjectTable
 from qemuleak.scan import Options, scan
 from qemuleak.snapshot import freeze
 from qemuleak.session import unwinding
-from qemuleak.tracer import PROBES, Tracer, tracing
+from qemuleak.tracer import tracing
 
 KEPT = {"bss_kept", "percpu_kept", "interior_kept", "stack_kept", "register_kept",
         "softirq_kept", "hardirq_kept"}
@@ -40,14 +40,9 @@ class Session:
         self.symbols = Symbolizer(self.kernel)
         # the tracks guest must keep them: asked for explicitly, not "auto"
         self.mode = provenance.choose(self.kernel, mode)
-        tracks = self.mode == "tracks"
-        chosen = provenance.tracks_probes(self.kernel) if tracks else \
-            provenance.TracksProbes(PROBES, (), [])
-        self.tracer = Tracer(self.kernel, self.table, chosen.probes,
-                             **unwinding(self.kernel, self.symbols),
-                             init_probes=chosen.init_probes)
-        self.sync = provenance.TrackSync(self.kernel, self.table, self.tracer.comms,
-                                         self.tracer.resized) if tracks else None
+        w = provenance.watch(self.kernel, self.mode, self.table,
+                             **unwinding(self.kernel, self.symbols))
+        self.tracer, self.sync = w.tracer, w.sync
         self._n = 0
 
     def run(self, command: str, marker: str, settle: float = 2.0, timeout: float = 120) -> None:
