@@ -7,10 +7,11 @@ cheapest source the guest offers goes first:
   time (`sync`), with no breakpoint on any slab allocation or free. Breakpoints
   stay only where nothing is recorded: large kmalloc pages, vmalloc, per-CPU
   areas and their frees, krealloc (SLUB keeps the first size of an object grown
-  in place), module loads, cache creation (a module's new cache is made to keep
-  tracks too) and task exits (the comm of a pid that is gone by the scan); and
-  none in a code page of the slab fast paths but while a module's init runs
-  (see HOT, tracks_probes).
+  in place), module loads and cache creation (a module's new cache is made to
+  keep tracks too); and none in a code page of the slab fast paths but while a
+  module's init runs (see HOT, tracks_probes). comm: from a pid -> comm record
+  kept from every stop and scan, and from the freed task_structs of tasks gone
+  by the scan.
 - "breakpoints": every allocation and free function (tracer.PROBES).
 
 The scan does not care which one filled the table.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import QemuleakError
-from .kernel import slub, stackdepot, tasks
+from .kernel import slub, stackdepot, tasks, vmalloc
 from .objects import Kind, ObjectTable
 from .snapshot import Snapshot, guest_frozen
 from .tracer import PROBES, Probe, Tracer
@@ -33,46 +34,41 @@ HINT_BOOT = ("boot the guest with slub_debug=U,kmalloc-* and qemuleak traces wit
 # tracks on the kmalloc caches only (the caches modules create get them at creation).
 RUN_SLUB_DEBUG = "slub_debug=U,kmalloc-*"
 
-# Every slab allocation and free runs through one of these (6.1 names, then the
-# *_noprof ones of 6.10+). QEMU cuts every translated block in a page holding a
-# breakpoint to one instruction, so tracks mode sets none in their pages: one
-# breakpoint never hit there made allocstorm 2.3x slower.
-HOT = ("kmalloc_trace", "kmalloc_node_trace", "__kmalloc", "__kmalloc_node",
-       "__kmalloc_node_track_caller", "kfree", "kmem_cache_alloc", "kmem_cache_alloc_lru",
-       "kmem_cache_alloc_node", "kmem_cache_free", "__kmem_cache_alloc_node",
-       "__kmem_cache_free", "kmem_cache_alloc_bulk", "kmem_cache_free_bulk", "___slab_alloc",
-       "__slab_free", "__kmalloc_noprof", "__kmalloc_node_noprof",
-       "__kmalloc_cache_noprof", "__kmalloc_cache_node_noprof",
-       "__kmalloc_node_track_caller_noprof", "kmem_cache_alloc_noprof",
-       "kmem_cache_alloc_lru_noprof", "kmem_cache_alloc_node_noprof")
-PAGE_SHIFT = 12
-
-
 @dataclass(frozen=True)
 class Need:
-    """Something tracks mode traces because SLUB records nothing of it: the
-    alternative probe sets that see it. The first whose probes all sit in cold
-    pages is taken; when none does, the first present is set only while a
-    module's init function runs (Tracer's init_probes), and `without` says what
-    is lost the rest of the time."""
+    """Something SLUB records nothing of, that tracks mode traces: the alternative
+    probe sets that see it (the first present is taken). Unless `without` is "",
+    its probes are set only while a module's init function runs (Tracer's
+    init_probes), and `without` says what the rest of the time lacks."""
 
     what: str
     choices: tuple[tuple[Probe, ...], ...]
-    without: str = ""                 # "": always traced, wherever it sits
+    without: str = ""                 # "": always traced
 
 
 def needs(probes=PROBES) -> tuple[Need, ...]:
+    """Under QEMU 7.2 every breakpoint hit flushes all translated code (gdbstub's
+    tb_flush on a debug stop): the guest then runs ~100 ms of a shell workload's
+    worth slower, where a bare stop costs 4 ms. So only module loads are always
+    traced; the rest only while a module initializes, where its allocations
+    happen most."""
     named = lambda *names: tuple(p for p in probes if p.name in names)      # noqa: E731
     large = tuple(p for p in probes if p.role == "alloc" and p.kind == "page")
     return (
-        Need("vmalloc", (tuple(p for p in probes if p.kind == "vmalloc") + named("vfree"),)),
-        Need("per-CPU", (tuple(p for p in probes if p.kind == "percpu") + named("free_percpu"),)),
+        Need("module loads", (tuple(p for p in probes if p.role == "module"),)),
+        # (a task stack each fork, when the per-CPU cache of them is empty)
+        Need("vmalloc", (tuple(p for p in probes if p.kind == "vmalloc") + named("vfree"),),
+             "vmalloc areas have vmalloc's caller for a backtrace, no comm, and an age "
+             "counted from the first scan that sees them"),
+        # (6.10+: every fork's mm counters)
+        Need("per-CPU", (tuple(p for p in probes if p.kind == "percpu") + named("free_percpu"),),
+             "per-CPU areas are reported only with --all"),
         # kfree hands a large kmalloc's pages to free_large_kmalloc
         Need("large kmalloc", (large + (Probe("free_large_kmalloc", "free", ptr_arg=1),),),
-             "large kmalloc pages allocated after a module's init count as roots"),
+             "large kmalloc pages count as roots"),
         # SLUB keeps the first size of an object krealloc grows in place
         Need("krealloc", (tuple(p for p in probes if p.role == "realloc"),),
-             "an object krealloc grows in place after a module's init keeps its first size"),
+             "an object krealloc grows in place keeps its first size"),
         # A module's new cache is made to keep tracks (see Tracer._cache_create).
         # 6.9+: kmem_cache_create* are macros and inlines calling
         # __kmem_cache_create_args; before, two functions (kmem_cache_create calls
@@ -81,25 +77,10 @@ def needs(probes=PROBES) -> tuple[Need, ...]:
              ((Probe("__kmem_cache_create_args", "cache_create", flags_arg=3),),
               (Probe("kmem_cache_create", "cache_create", flags_arg=3),
                Probe("kmem_cache_create_usercopy", "cache_create", flags_arg=3))),
-             "a cache a module creates after its init keeps no tracks unless slub_debug "
-             "names it"),
-        Need("module loads", (tuple(p for p in probes if p.role == "module"),)),
-        # A task that allocated and exited before the next scan: its comm, by pid.
-        Need("task exits", ((Probe("do_exit", "task_exit"),),)),
+             "a cache a module creates keeps no tracks unless slub_debug names it"),
+        # No breakpoint on task exits either: a task gone by the scan is named from
+        # its freed task_struct (tasks.exited).
     )
-
-
-def hot_pages(kernel) -> set[int]:
-    """The code pages of the slab fast paths (HOT)."""
-    pages = set()
-    for name in HOT:
-        at = kernel.symbols.get(name)
-        if at is None:
-            continue
-        sym = kernel.symbols.lookup(at)
-        size = sym.size if sym is not None and sym.size else 1
-        pages.update(range(at >> PAGE_SHIFT, ((at + size - 1) >> PAGE_SHIFT) + 1))
-    return pages
 
 
 @dataclass
@@ -112,19 +93,16 @@ class TracksProbes:
 
 
 def tracks_probes(kernel, probes=PROBES) -> TracksProbes:
-    """The probes tracks mode sets on this kernel: none in a slab fast path's page
-    but while a module initializes (see Need)."""
-    hot = hot_pages(kernel)
+    """The probes tracks mode sets on this kernel (see needs)."""
     out = TracksProbes((), (), [])
     for need in needs(probes):
         present = [[p for p in choice if kernel.symbols.get(p.name) is not None]
                    for choice in need.choices]
-        cold = [c for c in present if c and all(
-            kernel.symbols.get(p.name) >> PAGE_SHIFT not in hot for p in c)]
-        if cold or not need.without:
-            out.probes += tuple(cold[0] if cold else next((c for c in present if c), ()))
-        elif any(present):
-            out.init_probes += tuple(next(c for c in present if c))
+        chosen = tuple(next((c for c in present if c), ()))
+        if not need.without:
+            out.probes += chosen
+        elif chosen:
+            out.init_probes += chosen
             out.lost.append(need.without)
     return out
 
@@ -145,7 +123,10 @@ def watch(kernel, mode: str, table: ObjectTable, **tracer_args) -> Watch:
     tracks = mode == "tracks"
     chosen = tracks_probes(kernel) if tracks else TracksProbes(PROBES, (), [])
     tracer = Tracer(kernel, table, chosen.probes, init_probes=chosen.init_probes, **tracer_args)
-    sync = TrackSync(kernel, table, tracer.comms, tracer.resized) if tracks else None
+    sync = None
+    if tracks:
+        sync = TrackSync(kernel, table, tracer.comms, tracer.resized)
+        sync.start()
     return Watch(tracer, sync, chosen.lost)
 
 
@@ -183,10 +164,10 @@ def describe(mode: str, kernel, probes, lost: list[str] = ()) -> str:
             n = 0
         names = ", ".join(sorted({p.name for p in probes}))
         line = (f"tracing with SLUB's allocation tracks ({n} caches keep them) and "
-                f"{len(probes)} breakpoints ({names})")
+                f"{len(probes)} breakpoint{'s' if len(probes) != 1 else ''} ({names})")
         if lost:
-            line += ("; others share a slab fast path's code page and are set only while "
-                     "a module's init runs: " + "; ".join(lost))
+            line += ("; vmalloc, per-CPU, large kmalloc, krealloc and cache creation are "
+                     "traced while a module's init runs, and after it " + "; ".join(lost))
         return line
     probes = len(probes)
     return (f"tracing with breakpoints on {probes} allocator functions (the guest keeps "
@@ -204,9 +185,10 @@ class TrackSync:
     """Keeps an ObjectTable's slab objects equal to what the snapshot's slab
     caches hold with tracks. An object whose track is unchanged keeps its record
     (its sequence number, so it is reported once, and its flags, so `clear`
-    holds); a new one is added in allocation order; one gone is removed. Records
-    of other kinds (the breakpoints' vmalloc, page and per-CPU objects) are left
-    alone."""
+    holds); a new one is added in allocation order; one gone is removed. After
+    `start`, vmalloc areas too: one allocated since, that no breakpoint saw, is
+    added with vmalloc's caller for a backtrace, its age counted from this sync;
+    one gone is removed. Page and per-CPU records are left alone."""
 
     def __init__(self, kernel, table: ObjectTable, comms: dict[int, str],
                  resized: dict[int, int], untracked_too: bool = False):
@@ -219,6 +201,15 @@ class TrackSync:
         self._stacks: dict[int, tuple[int, ...]] = {}     # depot handles never change
         self.added = self.removed = 0
         self.tracks_seen = False          # any object with a track in the last sync
+        self._before: set[tuple[int, int, int]] | None = None   # vmalloc areas at start
+
+    def start(self) -> None:
+        """Tracing starts (the guest stopped): the vmalloc areas there are now
+        were allocated before it, and stay out of the table."""
+        try:
+            self._before = set(vmalloc.allocations(self.kernel))
+        except QemuleakError:
+            self._before = None
 
     def __call__(self, snapshot: Snapshot) -> slub.Inventory:
         """Bring the table in line with `snapshot`; its SLUB inventory."""
@@ -228,6 +219,9 @@ class TrackSync:
             tr = slub.alloc_tracks(kernel, snapshot.ram, inv)
             sizes = slub.requested_sizes(kernel, snapshot.ram, inv)
             try:
+                # an exited task's last comm, from its freed task_struct; then the
+                # live tasks' (a pid may have been taken again)
+                self.comms.update(tasks.exited(kernel, inv))
                 self.comms.update((t.pid, t.comm) for t in tasks.for_each_thread(kernel))
             except QemuleakError:
                 pass
@@ -260,4 +254,30 @@ class TrackSync:
         self.resized.clear()
         self.added, self.removed = len(new), int(stale.sum())
         self.tracks_seen = bool(tr.stored.any())
+        if self._before is not None:
+            with guest_frozen(kernel.guest, snapshot):
+                self._sync_vmalloc()
         return inv
+
+    def _sync_vmalloc(self) -> None:
+        kernel, table = self.kernel, self.table
+        try:
+            areas = vmalloc.allocations(kernel)
+        except QemuleakError:
+            return
+        busy = {start: (size, caller) for start, size, caller in areas}
+        t_addr, _ = table.arrays()
+        (t_kind,) = table.columns("kind")
+        for a in t_addr[t_kind == int(Kind.VMALLOC)].tolist():
+            r = table.get(a)
+            size = busy.get(a, (0, 0))[0]
+            # (a breakpoint records the size asked for, vmalloc hands out pages)
+            if not size or -(-r.size // vmalloc.PAGE) * vmalloc.PAGE != size:
+                table.remove(a)
+                self.removed += 1
+        jiffies = kernel.read_u64(kernel.sym("jiffies")) if kernel.symbols.get("jiffies") else 0
+        for start, size, caller in areas:
+            if (start, size, caller) not in self._before and table.get(start) is None:
+                table.add(start, size, Kind.VMALLOC, jiffies=jiffies,
+                          backtrace=(caller,) if caller else ())
+                self.added += 1

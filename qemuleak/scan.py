@@ -23,7 +23,8 @@ What is scanned, all read from one snapshot (see snapshot.py):
 Before scanning, the copy is cleaned of what would hide leaks: the allocator's own
 pointers to vmalloc areas (vmap_area.va_start, vm_struct.addr: kmemleak instead asks
 two references of vmalloc areas), the dead part of every task stack (below its stack
-pointer), and the stacks cached for reuse after their task died. With stack=False
+pointer), and the stacks of tasks that died (cached for reuse, or on their way to
+vfree). With stack=False
 task stacks are not scanned at all.
 """
 
@@ -223,12 +224,14 @@ def _object_contents(kernel, ram, addresses, sizes, kinds, cpus) -> Segments:
                   np.concatenate(length).astype(np.int64))
 
 
-def _stack_spans(kernel, snapshot: Snapshot, stack_on: bool):
+def _stack_spans(kernel, snapshot: Snapshot, stack_on: bool,
+                 busy: "list[vmalloc.VmapArea] | None" = None):
     """(live, dead, cached): stack spans in use, as (start, size, "stack of COMM
     [PID]"), from each task's stack pointer up; garbage spans, as (start, size),
-    below it (whole stacks with stack=off, and stacks cached for reuse after their
-    task exited); and the cached stacks' addresses: the cache holds their vm_struct, whose pointer the scan masks, so
-    they are referenced explicitly."""
+    below it (whole stacks with stack=off, and the stacks of tasks that exited:
+    cached for reuse, or on their way to vfree); and those dead stacks' addresses:
+    what holds them (the cache's vm_struct pointer, an RCU list's pointer into
+    them) is masked or unknown, so they are referenced explicitly."""
     size = tasks.thread_size(kernel)
     arch = kernel.guest.arch
     running: dict[int, int] = {}
@@ -238,10 +241,12 @@ def _stack_spans(kernel, snapshot: Snapshot, stack_on: bool):
         except QemuleakError:
             continue
     live, dead, cached = [], [], []
+    listed = set()
     for thread in tasks.threads(kernel):
         t, base = thread.task, thread.stack
         if not base:
             continue
+        listed.add(base)
         sp = running.get(t.address)
         if sp is None or not base <= sp < base + size:
             sp = thread.saved_sp if t.address not in running else None
@@ -262,7 +267,34 @@ def _stack_spans(kernel, snapshot: Snapshot, stack_on: bool):
                 if vm:
                     cached.append(kernel.read_u64(vm + addr_off))
                     dead.append((cached[-1], size))
+    for base in _unlisted_stacks(kernel, busy, size, listed | set(cached)):
+        cached.append(base)
+        dead.append((base, size))
     return live, dead, cached
+
+
+# the functions a task stack's vm_struct.caller may be in: alloc_thread_stack_node,
+# or where the compiler inlined it (Debian's 6.1 and 6.12: kernel_clone, fork_idle)
+STACK_ALLOCATORS = {"alloc_thread_stack_node", "dup_task_struct", "copy_process",
+                    "kernel_clone", "_do_fork", "fork_idle", "create_io_thread"}
+
+
+def _unlisted_stacks(kernel, busy: "list[vmalloc.VmapArea] | None", size: int,
+                     known: set[int]) -> list[int]:
+    """vmalloc'd task stacks no listed task uses and not in `known`: an exited task's,
+    waiting for an RCU grace period (free_thread_stack()) or a deferred vfree, or a
+    task's that already left the task list on its way out. Their words are a dead
+    task's, no roots; the area is the stack allocator's, no leak."""
+    if busy is None:
+        return []
+    areas = [a for a in busy if a.vm and a.start not in known
+             and size <= a.end - a.start <= size + 4096]
+    if not areas:
+        return []
+    index, _ = kernel.symbols.lookup_many([a.caller for a in areas])
+    allocator = {i for i in set(index.tolist())
+                 if i >= 0 and kernel.symbols.symbol(i).name.split(".")[0] in STACK_ALLOCATORS}
+    return [a.start for a, i in zip(areas, index.tolist()) if i in allocator]
 
 
 def _kernel_roots(kernel, live_stacks) -> list[tuple[int, int, str]]:
@@ -510,10 +542,10 @@ def scan(kernel, table: ObjectTable, snapshot: Snapshot, options: Options = Opti
     ram = snapshot.ram
     untracked = None
     with guest_frozen(guest, snapshot):
-        live, dead, cached = _stack_spans(kernel, snapshot, options.stack)
+        busy = _busy_vmap_areas(kernel)
+        live, dead, cached = _stack_spans(kernel, snapshot, options.stack, busy)
         spans = _kernel_roots(kernel, live)
         cpus = percpu.possible_cpus(kernel)
-        busy = _busy_vmap_areas(kernel)
         pages, chunks, inv = _allocators(kernel, ram, inventory, options.untracked == "roots")
         if pages is not None:
             # what the tracer saw allocated but the allocators hold free now

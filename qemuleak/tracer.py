@@ -42,7 +42,7 @@ class Probe:
 
     name: str
     role: str                       # "alloc", "alloc_bulk", "realloc", "free", "free_bulk",
-                                    # "module", "cache_create", "task_exit"
+                                    # "module", "cache_create"
     kind: str = "kmalloc"           # what it allocates: kmalloc, cache, vmalloc, page
     size_arg: int | None = None
     cache_arg: int | None = None    # kmem_cache *: size is its object_size
@@ -175,7 +175,7 @@ class Tracer:
                                for p in self.probes.values())
         self.stepped = sorted(p.name for a, p in self.probes.items() if not self._nop_length[a])
         self._inits = 0                   # module inits running: init_probes are in while > 0
-        if not any(p.role == "alloc" for p in self.probes.values()):
+        if not any(p.role == "alloc" for p in (*self.probes.values(), *self.init_probes.values())):
             raise QemuleakError("none of the kernel's allocation functions is in the symbols",
                                 "pass --vmlinux or --system-map for this kernel")
         self.pending: dict[int, Pending] = {}             # by stack pointer at return
@@ -251,8 +251,6 @@ class Tracer:
                 self._free_bulk(probe, regs)
             elif probe.role == "cache_create":
                 self._cache_create(probe, cpu, regs, stop.thread)
-            elif probe.role == "task_exit":
-                self._who(cpu, regs)              # its comm, for what it allocated
             else:
                 self._who(cpu, regs)              # the loader's comm, for its objects
                 self.unwind_pending()

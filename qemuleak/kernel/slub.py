@@ -181,6 +181,15 @@ class Inventory:
     partial_free: np.ndarray           # per cache: free objects of slabs on node partial lists
     broken: list[str] = field(default_factory=list)
     free_objects: np.ndarray = field(default=None, repr=False)   # uint64, in address order
+    free_cache: np.ndarray = field(default=None, repr=False)     # index into `caches`, per free object
+
+    def free_of(self, name: str) -> tuple["Cache | None", np.ndarray]:
+        """The cache called `name` (None if there is none: merged into another) and
+        its free objects' addresses."""
+        for i, c in enumerate(self.caches):
+            if c.name == name:
+                return c, self.free_objects[self.free_cache == i]
+        return None, np.zeros(0, U64)
 
     @property
     def sizes(self) -> np.ndarray:
@@ -425,7 +434,7 @@ def inventory(kernel, ram, pages: mm.Pages | None = None) -> Inventory:
                      np.bincount(cache[~allocated], minlength=len(cache_list)),
                      _partial_free(kernel, memory, cache_list, slabs),
                      sorted({cache_list[int(slabs.cache[s])].name for s in broken.tolist()}),
-                     objects[~allocated])
+                     objects[~allocated], cache[~allocated])
 
 
 def _slots(n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -80,6 +80,29 @@ def _task(address: int, comm: bytes, pid: bytes) -> Task:
                 int.from_bytes(pid, "little", signed=True))
 
 
+def exited(kernel, inv) -> dict[int, str]:
+    """pid -> comm of tasks that exited and whose task_struct is free in the
+    task_struct cache (`inv`: the SLUB inventory), not yet handed out again: SLUB
+    leaves a freed object's bytes as they were but for its free pointer. Where that
+    pointer sits on comm or pid, or the cache was merged, nothing."""
+    cache, free = inv.free_of("task_struct")
+    t = kernel.types
+    comm_off = t.offsetof("struct task_struct", "comm")
+    comm_size = t.member_size("struct task_struct", "comm")
+    pid_off = t.offsetof("struct task_struct", "pid")
+    lo, hi = min(comm_off, pid_off), max(comm_off + comm_size, pid_off + 4)
+    if cache is None or lo < cache.offset + 8 and cache.offset < hi:
+        return {}
+    out = {}
+    for address in free.tolist():
+        raw = kernel.read(address + lo, hi - lo)
+        found = _task(address, raw[comm_off - lo:comm_off - lo + comm_size],
+                      raw[pid_off - lo:pid_off - lo + 4])
+        if 0 < found.pid <= 1 << 22 and found.comm and found.comm.isprintable():
+            out[found.pid] = found.comm
+    return out
+
+
 def for_each_task(kernel, limit: int = 1 << 20):
     """Every task (thread-group leaders) on init_task's list."""
     t = kernel.types

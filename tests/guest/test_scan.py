@@ -17,8 +17,8 @@ from tests.groundtruth import LEAKY_LEAKS, LEAKY_SIZES, parse_objects
 from qemuleak import provenance, report
 from qemuleak.guest import Guest
 from qemuleak.kernel.kernel import Kernel
-from qemuleak.kernel.modules import Symbolizer
-from qemuleak.objects import ObjectTable
+from qemuleak.kernel.modules import Symbolizer, for_each_module
+from qemuleak.objects import Kind, ObjectTable
 from qemuleak.scan import Options, scan
 from qemuleak.snapshot import freeze
 from qemuleak.session import unwinding
@@ -137,7 +137,10 @@ def assert_hidden_by_stale_words(result, objs, missing):
             stale = (r.startswith(("stack of ", "a vCPU register", "untracked memory",
                                    "static per-CPU area of CPU "))
                      or r.split()[:2] == ["referenced", "object"] and r.split()[2] in hidden)
-            assert stale and not r.startswith(ours), (name, why)
+            # (what keeps a referrer, so that a failure says what it was)
+            referrer = r.split()[2] if r.startswith("referenced object ") else None
+            assert stale and not r.startswith(ours), \
+                (name, why, referrer and result.why(int(referrer, 16)))
     if missing:
         print("hidden by stale words:", why)
 
@@ -254,6 +257,29 @@ def test_objects_freed_while_not_tracing_are_not_reported(session, arch):
         result = s.scan(untracked=untracked)
         assert not {leak.address for leak in result.leaks} & tracked, \
             (untracked, sorted(names(result.leaks, objs)), report.format_text(result.leaks))
+
+
+@pytest.mark.series("6.1", "6.12")
+@pytest.mark.parametrize("mode", ["tracks"])
+def test_vmalloc_areas_untraced_after_start_come_from_the_scans(session, arch, mode):
+    """Tracks mode sets vmalloc's breakpoints only while a module's init runs: the
+    module's own memory, vmalloc'd by the loader before that, enters the table
+    at the next scan with vmalloc's caller for its story, and leaves it when
+    rmmod frees it."""
+    s = session()
+    s.run("insmod /modules/leaky.ko", "leaky: ready")
+    s.scan()
+    [leaky] = [m for m in for_each_module(s.kernel) if m.name == "leaky"]
+    start = min(a for a, _ in leaky.regions)
+    r = s.table.get(start & ~0xFFF)
+    assert r is not None and r.kind == Kind.VMALLOC and r.jiffies > 0, r
+    [caller] = r.backtrace
+    assert s.symbols.table.lookup(caller).name not in ("__vmalloc_node_range",
+                                                       "__vmalloc_node_range_noprof")
+    assert r.size >= dict(leaky.regions)[start]
+    s.run("rmmod leaky", "leaky: exit")
+    s.scan()
+    assert s.table.get(start & ~0xFFF) is None
 
 
 @pytest.mark.series("6.1", "6.12")

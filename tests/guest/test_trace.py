@@ -47,16 +47,19 @@ FLAGS = {"softirq_kept": Flags.SOFTIRQ, "hardirq_kept": Flags.HARDIRQ}
 
 
 class RecordingTable(ObjectTable):
-    """An ObjectTable that remembers what was freed, for the test to look at."""
+    """An ObjectTable that remembers what was freed, for the test to look at: the
+    last record freed at each address, and every freed record's seq."""
 
     def __init__(self):
         super().__init__()
         self.freed = {}
+        self.freed_seqs = set()
 
     def remove(self, address):
         record = super().remove(address)
         if record is not None:
             self.freed[address] = record
+            self.freed_seqs.add(record.seq)
         return record
 
 
@@ -109,6 +112,7 @@ def test_leaky_allocations_and_frees(boot, guest_image, arch, entry):
         console = vm.console_text()
         objs = parse_objects(console)
         insmod_pid = int(re.search(r"PID: (\d+) Comm: insmod", console).group(1))
+        leaky_records = {}
         for name, size in LEAKY_SIZES.items():
             # rcu_freed may be freed (a kfree_rcu batch runs when guest time says so:
             # sooner on a loaded host) and its memory taken by another allocation
@@ -118,6 +122,7 @@ def test_leaky_allocations_and_frees(boot, guest_image, arch, entry):
             r = next((x for x in records if x.comm == COMMS.get(name, "insmod")),
                      records[0] if records else None)
             assert r is not None, f"{name} at {objs[name].address:#x} not traced"
+            leaky_records[name] = r
             assert r.pid == 0 if name in FLAGS else r.pid > 0, name
             assert r.flags == FLAGS.get(name, 0), name
             assert (r.size, r.kind) == (size, KINDS.get(name, Kind.KMALLOC)), name
@@ -143,15 +148,15 @@ def test_leaky_allocations_and_frees(boot, guest_image, arch, entry):
         # kfree_rcu: the free is recorded when RCU really frees it, a grace period on.
         # Batches wait 5 s of guest time (which stands still at every stop); memory
         # pressure drains them at once: drop_caches runs the kfree_rcu shrinker.
+        # (It may be freed already, its memory taken again: that record is not leaky's.)
         rcu = objs["rcu_freed"].address
-        rcu_seq = (table.get(rcu) or table.freed[rcu]).seq
+        rcu_seq = leaky_records["rcu_freed"].seq
         vm.send_line("sh /dc")            # short: the guest is stopped, its UART small
         start = time.monotonic()
         tracer = Tracer(kernel, table, **unwinding(kernel, symbols), entry=entry)
         with tracing(tracer):
-            tracer.run(lambda: getattr(table.freed.get(rcu), "seq", None) == rcu_seq
-                       or time.monotonic() - start > 60)
-        assert table.freed.get(rcu) is not None and table.freed[rcu].seq == rcu_seq
+            tracer.run(lambda: rcu_seq in table.freed_seqs or time.monotonic() - start > 60)
+        assert rcu_seq in table.freed_seqs
         assert table.get(rcu) is None or table.get(rcu).seq != rcu_seq     # (memory reused)
 
         # The allocation right after leaky's dump_stack(): from its caller on, our
