@@ -92,7 +92,7 @@ def _loop(session: Session, server, interval: float, out, status: Status) -> Non
         line = scan_line(done)
         status.say(line)
         if session.options.output is None and session.options.format in STREAMED:
-            out.write(render(session.options.format, [done]))
+            out.write(render(session.options.format, [done], session.options.source_root))
             out.flush()
         return line
 

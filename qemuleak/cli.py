@@ -166,6 +166,16 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                         "here and may be read, else the gdbstub)")
 
 
+def _absolute_dir(path: str) -> str:
+    """--source-root: an existing directory, made absolute."""
+    import argparse
+    from pathlib import Path
+    p = Path(path)
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: no such directory")
+    return str(p.resolve())
+
+
 def add_report_args(p, untracked: bool = True) -> None:
     """What a scan covers and how it is reported: shared by trace, attach and run."""
     from .formats import FORMATS
@@ -180,6 +190,10 @@ def add_report_args(p, untracked: bool = True) -> None:
                         "function and module names in backtraces (* wildcards, ^ $ anchors)")
     p.add_argument("--module-filter", metavar="NAME",
                    help="only leaks whose backtrace passes through module NAME")
+    p.add_argument("--source-root", metavar="DIR", type=_absolute_dir,
+                   help="sarif: source files under DIR (your checkout's top) are given "
+                        "relative to it (uriBaseId %%SRCROOT%%), as GitHub code scanning "
+                        "needs to show a leak in its file")
     p.add_argument("--min-age", type=float, default=0.0, metavar="SECONDS",
                    help="only leaks at least this old (guest time; default 0: the guest is "
                         "frozen and its registers scanned, so kmemleak's 5 s grace is not "
@@ -228,7 +242,7 @@ def report_options(args):
                          Suppressions.load(args.suppressions) if args.suppressions else None,
                          args.module_filter, args.min_age, args.stack == "on",
                          getattr(args, "untracked", "roots"), args.all_objects,
-                         getattr(args, "provenance", "auto"))
+                         getattr(args, "provenance", "auto"), args.source_root)
 
 
 def cmd_attach(args) -> int:

@@ -69,14 +69,15 @@ _RULE = {
 # all formats
 
 
-def render(fmt: str, scans: Sequence[Scan]) -> str:
-    """The whole report for these scans in format `fmt` (one of FORMATS)."""
+def render(fmt: str, scans: Sequence[Scan], source_root: str | None = None) -> str:
+    """The whole report for these scans in format `fmt` (one of FORMATS);
+    `source_root`: see to_sarif."""
     renderers: dict[str, Callable[[Sequence[Scan]], str]] = {
         "text": lambda s: _per_scan(s, lambda one: report.format_text(one.leaks)),
         "summary": lambda s: _per_scan(
             s, lambda one: report.format_summary(one.leaks, one.suppressed)),
         "json": report.json_text,
-        "sarif": sarif_text,
+        "sarif": lambda s: sarif_text(s, source_root),
         "junit": junit_text,
     }
     if fmt not in renderers:
@@ -127,33 +128,46 @@ def _uri(path: str) -> str:
     return PurePosixPath(path).as_uri() if path.startswith("/") else quote(path)
 
 
-def _physical_location(source: str) -> dict:
+SRCROOT = "%SRCROOT%"
+
+
+def _artifact(path: str, root: str | None) -> dict:
+    """A file: relative to `root` (uriBaseId SRCROOT) when under it, as GitHub code
+    scanning needs to show a result in the file; else as it is."""
+    if root is not None and path.startswith("/"):
+        p, r = PurePosixPath(path), PurePosixPath(root)
+        if p.is_relative_to(r) and p != r:
+            return {"uri": quote(str(p.relative_to(r))), "uriBaseId": SRCROOT}
+    return {"uri": _uri(path)}
+
+
+def _physical_location(source: str, root: str | None = None) -> dict:
     path, sep, line = source.rpartition(":")
     if not sep or not line.isdigit() or int(line) < 1:    # no usable line number
-        return {"artifactLocation": {"uri": _uri(source)}}
-    return {"artifactLocation": {"uri": _uri(path)}, "region": {"startLine": int(line)}}
+        return {"artifactLocation": _artifact(source, root)}
+    return {"artifactLocation": _artifact(path, root), "region": {"startLine": int(line)}}
 
 
-def _location(frame: Frame) -> dict:
+def _location(frame: Frame, root: str | None = None) -> dict:
     name = frame.function or frame.symbol
     module = _module_name(frame)
     location: dict = {}
     if frame.source:
-        location["physicalLocation"] = _physical_location(frame.source)
+        location["physicalLocation"] = _physical_location(frame.source, root)
     location["logicalLocations"] = [{
         "name": name, "fullyQualifiedName": f"{module}!{name}" if module else name,
         "kind": "function"}]
     return location
 
 
-def _stack_frame(frame: Frame) -> dict:
-    out = {"location": {**_location(frame), "message": {"text": frame.symbol}}}
+def _stack_frame(frame: Frame, root: str | None) -> dict:
+    out = {"location": {**_location(frame, root), "message": {"text": frame.symbol}}}
     if (module := _module_name(frame)) is not None:
         out["module"] = module
     return out
 
 
-def _result(group: list[Leak], labels: dict[int, str]) -> dict:
+def _result(group: list[Leak], labels: dict[int, str], root: str | None) -> dict:
     first = group[0]
     nbytes = sum(x.size for x in group)
     direct = sum(x.kind == "direct" for x in group)
@@ -166,7 +180,7 @@ def _result(group: list[Leak], labels: dict[int, str]) -> dict:
         "message": {"text": f"{report._plural(len(group), 'object')} ({nbytes} bytes) "
                             f'leaked, allocated by comm "{first.comm}" pid {first.pid}: '
                             f"{chain}"},
-        "locations": [_location(site)] if site else [],
+        "locations": [_location(site, root)] if site else [],
         "partialFingerprints": {FINGERPRINT_KEY: backtrace_fingerprint(first.backtrace)},
         "properties": {
             "count": len(group), "bytes": nbytes, "direct": direct,
@@ -177,7 +191,7 @@ def _result(group: list[Leak], labels: dict[int, str]) -> dict:
     }
     if first.backtrace:
         result["stacks"] = [{"message": {"text": "allocation backtrace"},
-                             "frames": [_stack_frame(f) for f in first.backtrace]}]
+                             "frames": [_stack_frame(f, root) for f in first.backtrace]}]
     return result
 
 
@@ -197,27 +211,29 @@ def _invocation(scans: Sequence[Scan]) -> dict:
     return invocation
 
 
-def to_sarif(scans: Sequence[Scan]) -> dict:
+def to_sarif(scans: Sequence[Scan], source_root: str | None = None) -> dict:
     """A SARIF 2.1.0 log: one run, one rule (RULE_ID; direct leaks are level "error",
     groups of only indirect ones "warning"), one result per backtrace (frame_key()s)
-    across all scans, located at its site_frame()."""
+    across all scans, located at its site_frame(). Source files under `source_root`
+    (an absolute directory: a checkout's top) are given relative to it, with
+    uriBaseId %SRCROOT%."""
+    root = str(PurePosixPath(source_root)) if source_root else None
     labels = {id(leak): s.label for s in scans for leak in s.leaks}
     groups = report.group_by_backtrace((x for s in scans for x in s.leaks), key=frame_key)
-    return {
-        "$schema": SARIF_SCHEMA_URI,
-        "version": "2.1.0",
-        "runs": [{
-            "tool": {"driver": {"name": "qemuleak", "version": __version__,
-                                "semanticVersion": __version__, "rules": [_RULE]}},
-            "invocations": [_invocation(scans)],
-            "results": [_result(g, labels) for g in groups],
-        }],
+    run = {
+        "tool": {"driver": {"name": "qemuleak", "version": __version__,
+                            "semanticVersion": __version__, "rules": [_RULE]}},
+        "invocations": [_invocation(scans)],
+        "results": [_result(g, labels, root) for g in groups],
     }
+    if root is not None:
+        run["originalUriBaseIds"] = {SRCROOT: {"uri": PurePosixPath(root).as_uri() + "/"}}
+    return {"$schema": SARIF_SCHEMA_URI, "version": "2.1.0", "runs": [run]}
 
 
-def sarif_text(scans: Sequence[Scan]) -> str:
+def sarif_text(scans: Sequence[Scan], source_root: str | None = None) -> str:
     """to_sarif() as indented JSON with a trailing newline."""
-    return json.dumps(to_sarif(scans), indent=2) + "\n"
+    return json.dumps(to_sarif(scans, source_root), indent=2) + "\n"
 
 
 # --------------------------------------------------------------------------

@@ -201,7 +201,9 @@ class TrackSync:
         self._stacks: dict[int, tuple[int, ...]] = {}     # depot handles never change
         self.added = self.removed = 0
         self.tracks_seen = False          # any object with a track in the last sync
-        self._before: set[tuple[int, int, int]] | None = None   # vmalloc areas at start
+        # vmalloc areas at `start`, None before it; `qemuleak scan` takes them all:
+        # an area's vm_struct.caller is its story, as a slab object's track is
+        self._before: set[tuple[int, int, int]] | None = set() if untracked_too else None
 
     def start(self) -> None:
         """Tracing starts (the guest stopped): the vmalloc areas there are now

@@ -143,6 +143,7 @@ def _run_in(vm: VM, opts: RunOptions, options: ReportOptions, symbols: dict, out
     with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
         kernel = Kernel.open(guest, **symbols)
         session = Session(kernel, options, out, debug_files=opts.modules)
+        mark = len(vm.console_text())
         try:
             status = _workload(vm, session, started + opts.timeout, err)
         except GuestConnectionError:
@@ -150,8 +151,11 @@ def _run_in(vm: VM, opts: RunOptions, options: ReportOptions, symbols: dict, out
             raise
         guest.was_running = True
     if status != 0:
-        raise LaunchError(f"a guest command failed (the script exited with status {status}); "
-                          f"console tail:\n{vm.console_tail()}")
+        text = vm.console_text()[mark:]
+        failed = TRACED.findall(ESCAPES.sub("", text))
+        what = f": `{failed[-1]}` exited with status {status}" if failed else \
+            f" (the script exited with status {status})"
+        raise LaunchError(f"a guest command failed{what}; console tail:\n{workload_tail(text)}")
     if options.output is None:
         out.write(session.report_text())
     return 1 if session.leaks_reported else 0
@@ -247,7 +251,8 @@ def _workload(vm: VM, session: Session, deadline: float, err) -> int:
         return bool(events) or now > deadline or bool(vm.panic_reason()) or not vm.alive()
 
     with tracing(tracer):
-        vm.send_line("sh -e /qemuleak/run.sh; echo qemuleak-run-exit:$?")
+        # -x: each command is printed before it runs, so a failure can be named
+        vm.send_line(f"PS4='{TRACE_PREFIX}' sh -ex /qemuleak/run.sh; echo qemuleak-run-exit:$?")
         while True:
             tracer.run(until)
             if tracer.interrupted:
@@ -266,6 +271,24 @@ def _workload(vm: VM, session: Session, deadline: float, err) -> int:
             vm.send_line(ANSWER)
 
 
+TRACE_PREFIX = "qemuleak-cmd: "
+TRACED = re.compile(rf"^{TRACE_PREFIX}(.*?)\s*$", re.M)
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")     # the shell's line editing (cursor queries)
+
+
+def workload_tail(text: str, lines: int = 25) -> str:
+    """The last `lines` of the console since the commands started, without
+    qemuleak's own lines (the command it typed, the shell's trace of each
+    command, scan requests, the exit marker) and terminal escapes."""
+    out = []
+    for line in ESCAPES.sub("", text).splitlines():
+        if line.startswith((TRACE_PREFIX, "qemuleak-scan-request:")) or \
+                "qemuleak-run-exit:" in line:
+            continue
+        out.append(line.rstrip())
+    return "\n".join(out[-lines:])
+
+
 def _scan(session: Session, label: str, err) -> None:
     done = session.scan(label)
     print(f"qemuleak: {scan_line(done)}", file=err, flush=True)
@@ -276,5 +299,7 @@ def read_script(path: str) -> str:
     try:
         return Path(path).read_text()
     except OSError as e:
-        raise QemuleakError(f"cannot read the script {path}: {e.strerror}") from None
+        raise QemuleakError(f"cannot read the script {path}: {e.strerror}",
+                            "--script takes a file of shell commands to run in the guest; "
+                            "or give them with -c") from None
 

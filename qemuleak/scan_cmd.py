@@ -52,7 +52,7 @@ def run_scan(target: str, options: ReportOptions, label: str = "scan", vmlinux=N
     done = report.Scan(label, result.time, result.objects, result.bytes_scanned, leaks,
                        suppressed, result.paused_s, result.duration_s)
     print(f"qemuleak: {scan_line(done)}", file=err)
-    text = render(options.format, [done])
+    text = render(options.format, [done], options.source_root)
     if options.output is None:
         out.write(text)
     else:

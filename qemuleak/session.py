@@ -38,6 +38,7 @@ class ReportOptions:
     untracked: str = "roots"
     all_objects: bool = False            # report objects from before tracing too
     provenance: str = "auto"             # see provenance.MODES
+    source_root: str | None = None       # SARIF: source paths relative to this directory
 
 
 class Session:
@@ -80,7 +81,7 @@ class Session:
         self.scans.append(done)
         self.leaks_reported += len(fresh)
         if o.output is not None:
-            write_atomic(o.output, render(o.format, self.scans))
+            write_atomic(o.output, render(o.format, self.scans, o.source_root))
         return done
 
     def clear(self) -> int:
@@ -112,7 +113,7 @@ class Session:
 
     def report_text(self) -> str:
         """Every scan so far in the chosen format."""
-        return render(self.options.format, self.scans)
+        return render(self.options.format, self.scans, self.options.source_root)
 
     def status(self) -> str:
         """One line: objects tracked, rates, the last scan, leaks so far."""

@@ -11,15 +11,22 @@ Workloads: "shell" (ROUNDS x `ls -R /sys/kernel` with debugfs mounted, then
 kmalloc/kfree pair, a kmem_cache pair every 16 and a vmalloc/vfree pair every 256,
 from a kthread). Cases:
 - plain: no slub_debug, untraced;
-- tracks, untraced: booted with slub_debug=U,kmalloc-* (what `qemuleak run` boots);
+- tracks, untraced: booted with slub_debug=U,kmalloc-* (what `qemuleak run` boots),
+  qemuleak attached but not tracing;
 - tracks, qemuleak: the same guest under qemuleak's default (tracks) mode, with a
-  scan every --scan-every seconds;
+  scan every --scan-every seconds, each run right after an untraced one (single
+  runs on this host move by ±30%, and guests differ as much: pairs on one guest
+  and medians keep that out of the ratio);
 - breakpoints: a plain guest under breakpoint tracing, on smaller workloads
-  (one listing of /sys/kernel/slab, --bp-storm), compared with its stop floor: the stops it took per
-  allocation times the bare stop cycle measured on the same guest.
+  (one listing of /sys/kernel/slab, --bp-storm), compared with its stop floor: the
+  stops it took over the bare stop rate, measured on the same guest running the
+  same workload with the tracer's entry breakpoints and nothing done at a stop but
+  `g`, `P`, `c` (a stop costs the guest a flush of all its translated code, so the
+  rate depends on the workload).
 """
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +41,6 @@ from qemuleak.kernel.kernel import Kernel  # noqa: E402
 from qemuleak.launch import VM, VMConfig  # noqa: E402
 from qemuleak.session import ReportOptions, Session  # noqa: E402
 from qemuleak.tracer import tracing  # noqa: E402
-from tools.bench_access import stop_cycles  # noqa: E402
 
 SHELL = b"""mount -t debugfs none /sys/kernel/debug 2>/dev/null
 i=0
@@ -99,31 +105,86 @@ def traced(vm: VM, session: Session, command: str, marker: str, scan_every: floa
     return time.monotonic() - start
 
 
+def bare_entries(tracer) -> dict[int, int]:
+    """The tracer's entry breakpoints: address -> where the guest goes on from it
+    (past ftrace's NOP)."""
+    return {a: a + tracer._nop_length[a] for a in tracer.probes if tracer._nop_length[a]}
+
+
+def bare_stop_cycles(guest: Guest, entries: dict[int, int], seconds: float) -> float:
+    """Stops per second at `entries` with nothing done but the least a tracer must:
+    the stop reply, `g`, the PC moved past the NOP (`P`), `c`."""
+    rsp, arch = guest.rsp, guest.arch
+    reg = guest.register_by_name[arch.pc_reg]
+    for address in entries:
+        rsp.insert_breakpoint(address, arch.breakpoint_kind)
+    try:
+        stops, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            rsp.cont()
+            stop = rsp.wait_stop(timeout=10)
+            raw = rsp.read_registers(stop.thread)
+            pc = int.from_bytes(raw[reg.offset:reg.offset + reg.bitsize // 8], "little")
+            if pc in entries:
+                guest.write_register(arch.pc_reg, entries[pc], stop.thread)
+            stops += 1
+        return stops / (time.perf_counter() - start)
+    finally:
+        for address in entries:
+            rsp.remove_breakpoint(address, arch.breakpoint_kind)
+
+
 def after(vm: VM) -> None:
     """Unload allocstorm between runs."""
     vm.send_line("rmmod allocstorm; echo unloaded-$((1+1))")
     vm.wait_for_line("unloaded-2", timeout=120)
 
 
-def run_case(image, tmp, append, runs, mode=None, scan_every=0.0) -> tuple[dict, object]:
-    """Seconds per workload on one fresh guest; the session (None untraced)."""
+def run_case(image, tmp, append, runs, mode=None, scan_every=0.0,
+             repeat: int = 1) -> tuple[dict, object]:
+    """Seconds per workload on one fresh guest, the median of `repeat` runs (stops
+    and allocations per run); the session (None untraced)."""
     vm = boot(image, tmp, append)
     out, session = {}, None
     try:
         if mode is None:
             for name, command, marker in runs:
-                out[name] = untraced(vm, command, marker)
-                if name == "allocstorm":
-                    after(vm)
+                times = []
+                for _ in range(repeat):
+                    times.append(untraced(vm, command, marker))
+                    if name == "allocstorm":
+                        after(vm)
+                out[name] = statistics.median(times)
             return out, None
         with Guest.connect(vm.gdb_target, ram_path=vm.ram_fd_path()) as guest:
             kernel = Kernel.open(guest, system_map=image.system_map)
             session = Session(kernel, ReportOptions(provenance=mode))
             for name, command, marker in runs:
                 stops, allocs = session.tracer.stats.stops, session.tracer.stats.allocs
-                out[name] = traced(vm, session, command, marker, scan_every)
-                out[name + " stops"] = session.tracer.stats.stops - stops
-                out[name + " allocs"] = session.tracer.stats.allocs - allocs
+                times, paired = [], []
+                for i in range(repeat):
+                    if mode == "tracks":
+                        # the same guest untraced (attached, no breakpoint in), run by
+                        # run beside the traced one: guests differ by ±30% here
+                        guest.resume()
+                        paired.append(untraced(vm, command, marker))
+                        if name == "allocstorm":
+                            after(vm)
+                        guest.pause()
+                    elif i and name == "allocstorm":
+                        guest.resume()
+                        after(vm)
+                        guest.pause()
+                    times.append(traced(vm, session, command, marker, scan_every))
+                    if mode == "tracks" and name == "allocstorm" and i < repeat - 1:
+                        guest.resume()
+                        after(vm)
+                        guest.pause()
+                out[name] = statistics.median(times)
+                if paired:
+                    out[name + " untraced"] = statistics.median(paired)
+                out[name + " stops"] = (session.tracer.stats.stops - stops) / repeat
+                out[name + " allocs"] = (session.tracer.stats.allocs - allocs) / repeat
                 if mode == "tracks":
                     done = session.scan(f"after-{name}")
                     out[name + " scan paused"] = done.paused_s
@@ -134,13 +195,22 @@ def run_case(image, tmp, append, runs, mode=None, scan_every=0.0) -> tuple[dict,
                     after(vm)
                     guest.pause()
             if mode == "breakpoints":
-                # the bare stop cycle on this guest, allocstorm keeping kmalloc busy
-                vm_storm = "insmod /modules/allocstorm.ko count=1000000000"
+                # The bare stop cycle, per workload, with the tracer's own entry
+                # breakpoints: QEMU 7.2 flushes all translated code at every breakpoint
+                # stop, so what a stop costs depends on how much code runs between two.
+                entries = bare_entries(session.tracer)
                 guest.resume()
-                vm.send_line(vm_storm)
+                vm.send_line("while :; do sh /shell-small.sh > /dev/null; done &")
+                time.sleep(2)
+                guest.pause()
+                out["shell stop cycles/s"] = bare_stop_cycles(guest, entries, 10.0)
+                guest.resume()
+                vm.send_line("kill $!; echo killed-$((1+1))")
+                vm.wait_for_line("killed-2", timeout=120)
+                vm.send_line("insmod /modules/allocstorm.ko count=1000000000")
                 vm.wait_for_line("allocstorm: started", timeout=60)
                 guest.pause()
-                out["stop cycles/s"] = stop_cycles(guest, kernel.sym("kfree"), 10.0)
+                out["stop cycles/s"] = bare_stop_cycles(guest, entries, 10.0)
             guest.was_running = True
         return out, session
     finally:
@@ -153,6 +223,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="shell workload rounds")
     ap.add_argument("--storm", type=int, default=200_000, help="allocstorm iterations")
     ap.add_argument("--bp-storm", type=int, default=2_000, help="allocstorm under breakpoints")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each workload per guest, the median taken (breakpoint "
+                         "cases: one)")
     ap.add_argument("--scan-every", type=float, default=0.0, metavar="SECONDS",
                     help="scans in tracks mode while a workload runs (default 0: one scan "
                          "after each, timed on its own)")
@@ -161,14 +234,15 @@ def main() -> int:
     tracks = provenance.RUN_SLUB_DEBUG
     runs = workloads(args.rounds, args.storm)
     print(f"{args.arch} TCG guest, 2 vCPUs, 512 MiB, {image.release}; shell: {args.rounds} "
-          f"rounds, allocstorm: {args.storm} iterations; host wall clock", flush=True)
+          f"rounds, allocstorm: {args.storm} iterations; host wall clock, median of "
+          f"{args.repeat} runs per guest", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        plain, _ = run_case(image, tmp, "", runs)
+        plain, _ = run_case(image, tmp, "", runs, repeat=args.repeat)
         print(f"  plain, untraced:            {fmt(plain)}", flush=True)
-        quiet, _ = run_case(image, tmp, tracks, runs)
+        watched, s = run_case(image, tmp, tracks, runs, "tracks", args.scan_every, args.repeat)
+        quiet = {name: watched[name + " untraced"] for name, _, _ in runs}
         print(f"  {tracks}, untraced: {fmt(quiet)}", flush=True)
-        watched, s = run_case(image, tmp, tracks, runs, "tracks", args.scan_every)
         print(f"  {tracks}, qemuleak:  {fmt(watched)}, {len(s.scans)} scans, "
               f"{s.tracer.stats.stops} stops", flush=True)
         for name, _, _ in runs:
@@ -185,8 +259,8 @@ def main() -> int:
               f"qemuleak tracks mode {watched[name] / plain[name]:5.2f}x "
               f"(qemuleak's share over the same setting: {watched[name] / quiet[name]:5.2f}x)   "
               f"breakpoints ({small}) {bp[small] / bp_plain[small]:7.1f}x")
-    cycle = bp["stop cycles/s"]
     for name, _, _ in bp_runs:
+        cycle = bp["shell stop cycles/s" if name.startswith("shell") else "stop cycles/s"]
         stops, allocs = bp[name + " stops"], max(bp[name + " allocs"], 1)
         floor = stops / cycle
         print(f"  {name:10}  breakpoints: {allocs} allocations, {stops / allocs:.2f} stops each, "
@@ -196,10 +270,11 @@ def main() -> int:
 
 
 def fmt(times: dict) -> str:
-    return ", ".join(f"{k} {v:.1f} s" + (f" ({times[k + ' stops']} stops)"
+    return ", ".join(f"{k} {v:.1f} s" + (f" ({times[k + ' stops']:.0f} stops)"
                                          if k + " stops" in times else "")
                      for k, v in times.items()
-                     if not k.endswith(("stops", "allocs", "cycles/s", "paused", "scan s")))
+                     if not k.endswith(("stops", "allocs", "cycles/s", "paused", "scan s",
+                                        "untraced")))
 
 
 if __name__ == "__main__":

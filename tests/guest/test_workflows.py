@@ -46,8 +46,9 @@ def test_run_leaky_sarif_with_suppressions(tmp_path):
     supp = tmp_path / "supp"
     supp.write_text("leak:backtrace_a*\n")
     image = guest_image_for("x86_64")
+    build = image.kernel.parent / "build"        # where leaky.ko was built: its DWARF's paths
     p, out, objs = leaky_run("x86_64", tmp_path, "sarif", "--suppressions", supp,
-                             "--vmlinux", image.vmlinux)
+                             "--vmlinux", image.vmlinux, "--source-root", build)
     assert p.returncode == 1, p.stderr
     assert "scan loaded:" in p.stderr and "scan final:" in p.stderr, p.stderr
     doc = json.loads(out.read_text())
@@ -65,8 +66,10 @@ def test_run_leaky_sarif_with_suppressions(tmp_path):
     line = next(i + 1 for i, text in enumerate(source) if "kmem_cache_alloc(" in text)
     cache = next(r for r in results if f"{objs['cache_leak'].address:#x}" in r["properties"]["addresses"])
     where = cache["locations"][0]["physicalLocation"]
-    assert where["artifactLocation"]["uri"].endswith("/leaky.c"), where
+    # relative to --source-root, as GitHub code scanning needs
+    assert where["artifactLocation"] == {"uri": "leaky/leaky.c", "uriBaseId": "%SRCROOT%"}, where
     assert where["region"]["startLine"] == line, where
+    assert doc["runs"][0]["originalUriBaseIds"]["%SRCROOT%"]["uri"] == build.as_uri() + "/"
     # exit_leak is made by module exit (rmmod): reported by the final scan, unless a
     # stale word hides it (kmemleak's blind spot; seen in two full-suite runs,
     # never alone). The CLI cannot say why; test_scan.py's test_exit_leak_after_rmmod
@@ -104,7 +107,7 @@ def test_run_json_clean_guest_exits_0(tmp_path, arch):
 
 
 @pytest.mark.parametrize("commands, timeout, expect", [
-    ("false", 300, "a guest command failed"),
+    ("true; false; echo not-reached", 300, "a guest command failed: `false` exited with status 1"),
     ("echo c > /proc/sysrq-trigger", 300, "panic"),
     ("sleep 600", 60, "did not finish in time"),
 ])
@@ -114,6 +117,9 @@ def test_run_errors_exit_2(tmp_path, arch, commands, timeout, expect):
     assert p.returncode == 2, p.stderr
     assert expect in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert "console tail" in p.stderr
+    if "command failed" in expect:          # the tail: the guest's lines, none of ours
+        tail = p.stderr.split("console tail:", 1)[1]
+        assert "qemuleak-" not in tail and "\x1b" not in tail and "not-reached" not in tail, tail
 
 
 def test_run_drive_rootfs_ext2(tmp_path, arch):

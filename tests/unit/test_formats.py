@@ -375,3 +375,24 @@ def test_junit_without_scans_and_with_unprintable_text():
     case = parse(junit_text([odd])).find("testsuite/testcase")
     assert case.get("name") == "lab\ufffdel"
     assert 'comm "bad\ufffdcomm"' in case.find("failure").text
+
+
+def test_source_root_makes_paths_relative_for_code_scanning(sarif_validator):
+    inside = Frame(LEAKY.address, LEAKY.symbol, "make_leaks", "leaky",
+                   "/home/dev/mymod/src/leaky.c:42")
+    outside = Frame(0xFFFFFFFF81000F0A, INITCALL.symbol, "do_one_initcall", None,
+                    "/usr/src/linux/init/main.c:1234")
+    doc = to_sarif([scan("s", [leak(backtrace=(KMALLOC, inside, outside))])],
+                   source_root="/home/dev/mymod")
+    sarif_validator.validate(doc)
+    run = doc["runs"][0]
+    assert run["originalUriBaseIds"] == {"%SRCROOT%": {"uri": "file:///home/dev/mymod/"}}
+    (result,) = run["results"]
+    assert result["locations"][0]["physicalLocation"] == {
+        "artifactLocation": {"uri": "src/leaky.c", "uriBaseId": "%SRCROOT%"},
+        "region": {"startLine": 42}}
+    frames = [f["location"].get("physicalLocation") for f in result["stacks"][0]["frames"]]
+    assert frames[2]["artifactLocation"] == {"uri": "file:///usr/src/linux/init/main.c"}
+    # a relative source (the kernel's own DWARF paths) stays as it is
+    assert frames[0]["artifactLocation"] == {"uri": "mm/slub.c"}
+    assert "originalUriBaseIds" not in to_sarif([scan("s", [leak()])])["runs"][0]
