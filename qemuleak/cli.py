@@ -208,10 +208,10 @@ def add_report_args(p, untracked: bool = True) -> None:
         return
     p.add_argument("--provenance", choices=("auto", "tracks", "breakpoints"), default="auto",
                    help="where each object's comm, pid, age and backtrace come from: SLUB's "
-                        "allocation tracks (slub_debug=U; breakpoints only on large kmalloc, "
-                        "vmalloc, per-CPU and module loads: the guest runs at nearly full "
-                        "speed) or breakpoints on every allocation and free; auto (default): "
-                        "tracks when the guest keeps them")
+                        "allocation tracks (slub_debug=U; one breakpoint, on module loads, "
+                        "and vmalloc, per-CPU and the rest while a module's init runs: the "
+                        "guest runs at nearly full speed) or breakpoints on every allocation "
+                        "and free; auto (default): tracks when the guest keeps them")
     p.add_argument("--untracked", choices=("roots", "ignore"), default="roots",
                    help="memory allocated before tracing began: 'roots' (default) treats "
                         "it as roots, so nothing it points to is reported; 'ignore' scans "

@@ -39,21 +39,32 @@ def stop_cycles(guest: Guest, function: int, seconds: float) -> float:
     """Breakpoint stops per second on a busy function: stop reply, `g`, the PC
     moved past the ftrace NOP the breakpoint sits on (`P`), `c`. This is the floor
     of any gdbstub tracer: every traced call costs at least this one stop."""
+    offset, length = guest.arch.entry_nop(guest.read(function, 16))
+    return bare_stop_cycles(guest, {function + offset: function + offset + length}, seconds)
+
+
+def bare_stop_cycles(guest: Guest, entries: dict[int, int], seconds: float) -> float:
+    """Stops per second at breakpoints on `entries` (address -> where the guest goes
+    on from it, past ftrace's NOP) with nothing done but the least a tracer must:
+    the stop reply, `g`, the PC moved (`P`), `c`."""
     rsp, arch = guest.rsp, guest.arch
-    offset, length = arch.entry_nop(guest.read(function, 16))
-    address = function + offset
-    rsp.insert_breakpoint(address, arch.breakpoint_kind)
+    reg = guest.register_by_name[arch.pc_reg]
+    for address in entries:
+        rsp.insert_breakpoint(address, arch.breakpoint_kind)
     try:
         stops, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             rsp.cont()
             stop = rsp.wait_stop(timeout=10)
-            rsp.read_registers(stop.thread)
-            guest.write_register(arch.pc_reg, address + length, stop.thread)
+            raw = rsp.read_registers(stop.thread)
+            pc = int.from_bytes(raw[reg.offset:reg.offset + reg.bitsize // 8], "little")
+            if pc in entries:
+                guest.write_register(arch.pc_reg, entries[pc], stop.thread)
             stops += 1
         return stops / (time.perf_counter() - start)
     finally:
-        rsp.remove_breakpoint(address, arch.breakpoint_kind)
+        for address in entries:
+            rsp.remove_breakpoint(address, arch.breakpoint_kind)
 
 
 def main() -> int:

@@ -41,6 +41,7 @@ from qemuleak.kernel.kernel import Kernel  # noqa: E402
 from qemuleak.launch import VM, VMConfig  # noqa: E402
 from qemuleak.session import ReportOptions, Session  # noqa: E402
 from qemuleak.tracer import tracing  # noqa: E402
+from tools.bench_access import bare_stop_cycles  # noqa: E402
 
 SHELL = b"""mount -t debugfs none /sys/kernel/debug 2>/dev/null
 i=0
@@ -109,29 +110,6 @@ def bare_entries(tracer) -> dict[int, int]:
     """The tracer's entry breakpoints: address -> where the guest goes on from it
     (past ftrace's NOP)."""
     return {a: a + tracer._nop_length[a] for a in tracer.probes if tracer._nop_length[a]}
-
-
-def bare_stop_cycles(guest: Guest, entries: dict[int, int], seconds: float) -> float:
-    """Stops per second at `entries` with nothing done but the least a tracer must:
-    the stop reply, `g`, the PC moved past the NOP (`P`), `c`."""
-    rsp, arch = guest.rsp, guest.arch
-    reg = guest.register_by_name[arch.pc_reg]
-    for address in entries:
-        rsp.insert_breakpoint(address, arch.breakpoint_kind)
-    try:
-        stops, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            rsp.cont()
-            stop = rsp.wait_stop(timeout=10)
-            raw = rsp.read_registers(stop.thread)
-            pc = int.from_bytes(raw[reg.offset:reg.offset + reg.bitsize // 8], "little")
-            if pc in entries:
-                guest.write_register(arch.pc_reg, entries[pc], stop.thread)
-            stops += 1
-        return stops / (time.perf_counter() - start)
-    finally:
-        for address in entries:
-            rsp.remove_breakpoint(address, arch.breakpoint_kind)
 
 
 def after(vm: VM) -> None:
