@@ -111,8 +111,15 @@ class Result:
                 out.append(f"{self._root_name(at)}, word at guest physical "
                            f"{int(self.ram.gpas([at])[0]):#x}")
             elif owner != i:
-                out.append(f"{STATES[self.states[owner]]} object {int(self.addresses[owner]):#x} "
-                           f"(word at guest physical {int(self.ram.gpas([at])[0]):#x})")
+                where = f"word at guest physical {int(self.ram.gpas([at])[0]):#x}"
+                root = self._root_name(at)
+                if root != "untracked memory":
+                    # a root inside an object: a task's stack vmalloc'd while
+                    # tracing is both; the root says more
+                    out.append(f"{root}, {where} (in object {int(self.addresses[owner]):#x})")
+                else:
+                    out.append(f"{STATES[self.states[owner]]} object "
+                               f"{int(self.addresses[owner]):#x} ({where})")
         return out
 
     def _root_name(self, at: int) -> str:
