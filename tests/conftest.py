@@ -123,12 +123,14 @@ def boot(guest_image, tmp_path):
                 vm.wait_for_line(initramfs.READY_MARKER, timeout=90)
                 return vm
             except LaunchError as e:
-                # Under TCG a guest has hung once in some hundreds of boots, before
-                # userspace and before anything of ours touched it (CI, 6.1 x86_64:
-                # silent after "Switched to clocksource hpet"). Boot once more, say so.
-                if attempt == 2 or vm.proc.poll() is not None:
+                # Under TCG a boot fails once in some hundreds, before anything of
+                # ours touched the guest: silent after "Switched to clocksource hpet"
+                # (CI, 6.1 x86_64), an int3 oops in the kernel's own text patching at
+                # boot (6.12 x86_64), the marker line cut by a kernel message. Boot
+                # once more, and say so.
+                if attempt == 2:
                     raise
-                warnings.warn(f"guest boot hung, booting again: {str(e)[-300:]}")
+                warnings.warn(f"guest boot failed, booting again: {str(e)[-300:]}")
                 vm.shutdown()
 
     yield _boot
